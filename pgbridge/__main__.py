@@ -1,0 +1,3 @@
+from pgbridge.cli import main
+
+raise SystemExit(main())

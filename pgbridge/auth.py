@@ -1,0 +1,139 @@
+"""Tokens: verify a client's JWT and turn its claims into what the connection may see. No I/O.
+
+Claims pgbridge reads:
+
+- ``exp`` (required): the connection is closed with 1008 ``Token expired`` when it passes.
+- ``collections``: ``"*"``, a list of collection names (``"*"`` allowed as an element), or an object
+  mapping a collection (or ``"*"``) to the operations allowed on it. A token without the claim may
+  subscribe to every published collection only if the server runs with ``--unscoped-tokens all``.
+- the tenant claim named by ``--tenant-claim``, when tenant isolation is on (required then).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jwt
+
+from pgbridge.errors import AuthError, ConfigError
+from pgbridge.events import OPS, Op
+
+ALL_OPS: frozenset[Op] = frozenset(OPS)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one verified token allows."""
+
+    subject: str | None
+    expires_at: float
+    collections: Mapping[str, frozenset[Op]] = field(default_factory=dict)
+    """Allowed operations per collection; the key ``"*"`` stands for every collection."""
+    tenant: Any = None
+
+    def allowed(self, collection: str) -> frozenset[Op]:
+        return self.collections.get(collection) or self.collections.get("*") or frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """How tokens are verified. Build it with :meth:`from_settings`."""
+
+    key: Any
+    algorithms: tuple[str, ...]
+    audience: str | None = None
+    issuer: str | None = None
+    leeway: float = 0.0
+    unscoped: Literal["all", "none"] = "none"
+    tenant_claim: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        *,
+        secret: str | None,
+        public_key_pem: bytes | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway: float = 0.0,
+        unscoped: Literal["all", "none"] = "none",
+        tenant_claim: str | None = None,
+    ) -> TokenPolicy:
+        if public_key_pem is not None:
+            from cryptography.hazmat.primitives.asymmetric import ec, rsa
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            try:
+                key = load_pem_public_key(public_key_pem)
+            except ValueError as exc:
+                raise ConfigError(f"the JWT public key is not a PEM public key: {exc}") from None
+            if isinstance(key, rsa.RSAPublicKey):
+                algorithms: tuple[str, ...] = ("RS256",)
+            elif isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1":
+                algorithms = ("ES256",)
+            else:
+                raise ConfigError("the JWT public key must be an RSA key (RS256) or a P-256 EC key (ES256)")
+            return cls(key, algorithms, audience, issuer, leeway, unscoped, tenant_claim)
+        if not secret:
+            raise ConfigError("no JWT secret: set PGBRIDGE_JWT_SECRET or pass --jwt-secret")
+        return cls(secret, ("HS256",), audience, issuer, leeway, unscoped, tenant_claim)
+
+    def verify(self, token: str | None) -> Grant:
+        """Check a token; raise :class:`AuthError` whose ``reason`` is the close reason to send."""
+        if not token:
+            raise AuthError("Missing token")
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=list(self.algorithms),
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("Token expired") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("Authentication failed") from None
+        tenant = None
+        if self.tenant_claim is not None:
+            tenant = claims.get(self.tenant_claim)
+            if tenant is None:
+                raise AuthError(f"Token lacks the {self.tenant_claim} claim")
+        sub = claims.get("sub")
+        return Grant(
+            subject=sub if isinstance(sub, str) else None,
+            expires_at=float(claims["exp"]) + self.leeway,
+            collections=self._collections(claims),
+            tenant=tenant,
+        )
+
+    def _collections(self, claims: Mapping[str, Any]) -> Mapping[str, frozenset[Op]]:
+        if "collections" not in claims:
+            return {"*": ALL_OPS} if self.unscoped == "all" else {}
+        value = claims["collections"]
+        if value == "*":
+            return {"*": ALL_OPS}
+        if isinstance(value, list) and all(isinstance(c, str) for c in value):
+            return dict.fromkeys(value, ALL_OPS)
+        if isinstance(value, dict):
+            grants: dict[str, frozenset[Op]] = {}
+            for name, ops in value.items():
+                if ops == "*":
+                    grants[name] = ALL_OPS
+                elif isinstance(ops, list) and all(op in OPS for op in ops):
+                    grants[name] = frozenset(ops)
+                else:
+                    raise AuthError("Invalid collections claim")
+            return grants
+        raise AuthError("Invalid collections claim")
+
+
+def mint(secret: str, subject: str, ttl: float, **claims: Any) -> str:
+    """Sign an HS256 token for ``subject`` that expires ``ttl`` seconds from now."""
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "iat": now, "exp": now + int(ttl), **claims}, secret, algorithm="HS256")

