@@ -1,0 +1,223 @@
+"""Every row of the protocol's error and close tables, and a server that stays up for everyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import jwt
+import pytest
+import websockets
+
+from tests.helpers import SECRET, RunningBridge, assert_silent, recv, send, start_bridge, subscribe, token
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        ("not json", {"error": "Invalid JSON"}),
+        ("[1, 2]", {"error": "Message must be a JSON object"}),
+        ('"subscribe"', {"error": "Message must be a JSON object"}),
+        ("42", {"error": "Message must be a JSON object"}),
+        ('{"collection": "posts"}', {"error": "Missing action (expected subscribe, unsubscribe or ping)"}),
+        ('{"action": "subscribe"}', {"error": "Missing collection", "action": "subscribe"}),
+        ('{"action": "subscribe", "collection": ""}', {"error": "Missing collection", "action": "subscribe"}),
+        ('{"action": "unsubscribe"}', {"error": "Missing collection", "action": "unsubscribe"}),
+        (
+            '{"action": "subscribe", "collection": 5}',
+            {"error": "Invalid collection: must be a string", "action": "subscribe"},
+        ),
+        (
+            '{"action": "explode", "collection": "posts"}',
+            {"error": "Unknown action: 'explode' (expected subscribe, unsubscribe or ping)", "action": "explode"},
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "operations": ["create", "truncate"]}',
+            {
+                "error": "Unknown operation: 'truncate' (expected create, update or delete)",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "operations": "create"}',
+            {
+                "error": "Invalid operations: must be a non-empty list of create, update, delete",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "operations": []}',
+            {
+                "error": "Invalid operations: must be a non-empty list of create, update, delete",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "nope"}',
+            {"error": "Collection 'nope' is not published", "action": "subscribe", "collection": "nope"},
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "since": 12}',
+            {
+                "error": 'Invalid since: expected the "id" of an event, such as "1234.0"',
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {"like": "x"}}}',
+            {
+                "error": "Invalid filter: unknown operator 'like' on author_id (use one of eq, neq, lt, lte, gt, gte, in)",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+    ],
+)
+async def test_bad_messages_get_an_error_and_the_connection_stays(
+    bridge: RunningBridge, db: asyncpg.Connection, frame: str, error: dict[str, str]
+) -> None:
+    async with bridge.connect() as ws:
+        await ws.send(frame)
+        assert await recv(ws) == error
+        # still open and serving
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO posts (title) VALUES ('after')")
+        assert (await recv(ws))["data"]["title"] == "after"
+
+
+async def test_binary_frames_are_refused(bridge: RunningBridge) -> None:
+    async with bridge.connect() as ws:
+        await ws.send(b'{"action": "ping"}')
+        assert await recv(ws) == {"error": "Binary frames are not supported"}
+        await send(ws, {"action": "ping"})
+        assert (await recv(ws))["type"] == "pong"
+
+
+async def test_a_frame_over_the_limit_closes_with_1009_and_others_carry_on(
+    bridge: RunningBridge, db: asyncpg.Connection
+) -> None:
+    async with bridge.connect() as bystander, bridge.connect() as ws:
+        await subscribe(bystander, "posts")
+        await ws.send('{"action": "ping", "pad": "' + "x" * (64 * 1024) + '"}')
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        await db.execute("INSERT INTO posts (title) VALUES ('still here')")
+        assert (await recv(bystander))["data"]["title"] == "still here"
+
+
+async def test_subscription_limit(bridge: RunningBridge, db: asyncpg.Connection) -> None:
+    names = [f"c{i}" for i in range(101)]
+    await db.execute("; ".join(f"CREATE TABLE {n} (id int); SELECT pgbridge.publish('{n}')" for n in names))
+    await asyncio.sleep(0.3)
+    async with bridge.connect() as ws:
+        for name in names[:100]:
+            await subscribe(ws, name)
+        await send(ws, {"action": "subscribe", "collection": names[100]})
+        assert await recv(ws) == {
+            "error": "Max subscriptions reached (100)",
+            "action": "subscribe",
+            "collection": names[100],
+        }
+        await subscribe(ws, names[0], operations=["create"])  # replacing one is not a new one
+
+
+async def closed_with(bridge: RunningBridge, url: str, **kwargs: object) -> tuple[int, str]:
+    async with websockets.connect(url, **kwargs) as ws:  # type: ignore[arg-type]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.send('{"action": "ping"}')
+            await recv(ws)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+def _unsigned(claims: dict[str, object]) -> str:
+    return jwt.encode(claims, None, algorithm="none")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("tok", "reason"),
+    [
+        (None, "Missing token"),
+        ("", "Missing token"),
+        ("garbage", "Authentication failed"),
+        (token(secret="another-secret-another-secret-12345"), "Authentication failed"),
+        (_unsigned({"sub": "x", "exp": int(time.time()) + 600, "collections": "*"}), "Authentication failed"),
+        (token(ttl=-10), "Token expired"),
+        (jwt.encode({"sub": "no exp", "collections": "*"}, SECRET, algorithm="HS256"), "Authentication failed"),
+        (token(nbf=int(time.time()) + 3600), "Authentication failed"),
+    ],
+)
+async def test_bad_tokens_close_with_1008(bridge: RunningBridge, tok: str | None, reason: str) -> None:
+    assert await closed_with(bridge, bridge.url(tok)) == (1008, reason)
+
+
+async def test_a_token_that_expires_while_connected_closes_the_connection(bridge: RunningBridge) -> None:
+    async with bridge.connect(token(ttl=2)) as ws:
+        await subscribe(ws, "posts")
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(ws, 10)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Token expired")
+
+
+async def test_no_message_is_acted_on_before_the_token_is_checked(
+    bridge: RunningBridge, db: asyncpg.Connection
+) -> None:
+    async with websockets.connect(bridge.url(token(secret="wrong-secret-wrong-secret-wrong-123"))) as ws:
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.send('{"action": "subscribe", "collection": "posts"}')
+            await db.execute("INSERT INTO posts (title) VALUES ('secret news')")
+            while True:
+                message = await recv(ws)
+                assert "data" not in message and "status" not in message
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_shutdown_closes_clients_with_1001(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn)
+    async with running.connect() as ws:
+        await subscribe(ws, "posts")
+        await running.stop()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(ws)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "Server shutting down")
+
+
+async def test_a_client_that_stops_reading_is_closed_with_1013_and_others_are_not_delayed(
+    dsn: str, posts: str, db: asyncpg.Connection
+) -> None:
+    running = await start_bridge(dsn, outbound_limit=1024 * 1024, close_timeout=10)
+    try:
+        async with running.connect(max_queue=1) as slow, running.connect() as fast:
+            await subscribe(slow, "posts")
+            await subscribe(fast, "posts")
+
+            async def read_all() -> int:
+                got = 0
+                while got < 1000:
+                    got += "data" in await recv(fast, 20)
+                return got
+
+            reader = asyncio.create_task(read_all())
+            # 20 MB in bursts of 200 kB: more than the socket buffers and the slow client's queue absorb
+            for _ in range(100):
+                await db.execute("INSERT INTO posts (title) SELECT repeat('x', 20000) FROM generate_series(1, 10)")
+            assert await reader == 1000
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await recv(slow, 20)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, "Slow consumer")
+            assert len(running.bridge.connections) == 1
+            await send(fast, {"action": "ping"})
+            assert (await recv(fast))["type"] == "pong"
+            await assert_silent(fast, 0.2)
+    finally:
+        await running.stop()
