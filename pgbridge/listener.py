@@ -85,7 +85,9 @@ class Listener:
 
     async def _session(self) -> None:
         s = self._settings
-        conn: asyncpg.Connection = await asyncpg.connect(s.dsn, timeout=s.connect_timeout)
+        conn: asyncpg.Connection = await asyncpg.connect(
+            s.dsn, timeout=s.connect_timeout, server_settings={"application_name": "pgbridge-listener"}
+        )
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         self._queue = asyncio.Queue()

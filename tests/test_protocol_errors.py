@@ -71,7 +71,8 @@ from tests.helpers import SECRET, RunningBridge, assert_silent, recv, send, star
         (
             '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {"like": "x"}}}',
             {
-                "error": "Invalid filter: unknown operator 'like' on author_id (use one of eq, neq, lt, lte, gt, gte, in)",
+                "error": "Invalid filter: unknown operator 'like' on author_id "
+                "(use one of eq, neq, lt, lte, gt, gte, in)",
                 "action": "subscribe",
                 "collection": "posts",
             },

@@ -1,0 +1,346 @@
+"""No lost changes: listener loss, PostgreSQL restarts, client resume, bridge crashes, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import websockets
+
+from pgbridge import changelog
+from pgbridge.migrate import migrate
+from tests.helpers import SECRET, Cluster, Ledger, RunningBridge, recv, start_bridge, subscribe, wait_for
+
+POSTS = "CREATE TABLE posts (id bigserial PRIMARY KEY, title text); SELECT pgbridge.publish('posts')"
+
+
+async def write_for(dsn: str, stop: asyncio.Event, writer: int, *, long_tx: bool = False) -> int:
+    """Commit, roll back and interleave transactions until ``stop``; survive a database that goes away."""
+    rng = random.Random(writer)
+    done = 0
+    conn: asyncpg.Connection | None = None
+    while not stop.is_set():
+        try:
+            if conn is None or conn.is_closed():
+                conn = await asyncpg.connect(dsn)
+            async with conn.transaction():
+                for _ in range(rng.randint(1, 3)):
+                    await conn.execute(
+                        "INSERT INTO posts (title) SELECT $1 || '-' || g FROM generate_series(1, $2) g",
+                        f"w{writer}",
+                        rng.randint(1, 5),
+                    )
+                if long_tx:
+                    await asyncio.sleep(rng.uniform(0.05, 0.3))  # overlaps many other commits
+                if rng.random() < 0.2:
+                    raise _Rollback
+            done += 1
+        except _Rollback:
+            pass
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn = None
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(rng.uniform(0, 0.01))
+    if conn is not None and not conn.is_closed():
+        await conn.close()
+    return done
+
+
+class _Rollback(Exception):
+    pass
+
+
+async def drain(ws: Any, ledger: Ledger, until: asyncio.Event) -> None:
+    while True:
+        try:
+            ledger.add([await recv(ws, 2)])
+        except TimeoutError:
+            if until.is_set():
+                return
+
+
+async def listener_pid(dsn: str) -> int | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbridge-listener' AND datname = current_database()"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_listener_killed_repeatedly_while_writers_overlap(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn, probe_interval=0.5)
+    ledger, stop, finished = Ledger(), asyncio.Event(), asyncio.Event()
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            reader = asyncio.create_task(drain(ws, ledger, finished))
+            writers = [asyncio.create_task(write_for(dsn, stop, i, long_tx=i == 0)) for i in range(4)]
+            kills = 0
+            for _ in range(6):
+                await asyncio.sleep(0.4)
+                await wait_for(lambda: running.bridge.listener.connected, what="listener to reconnect")
+                pid = await listener_pid(dsn)
+                if pid is not None and await db.fetchval("SELECT pg_terminate_backend($1)", pid):
+                    kills += 1
+            stop.set()
+            commits = sum(await asyncio.gather(*writers))
+            await wait_for(lambda: running.bridge.listener.connected, what="listener to reconnect")
+            await asyncio.sleep(1)
+            finished.set()
+            await reader
+    finally:
+        await running.stop()
+    assert kills >= 5
+    assert commits > 50
+    await ledger.verify(db, "posts")
+
+
+async def test_client_resumes_with_since_after_random_disconnects(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn)
+    ledger, stop = Ledger(), asyncio.Event()
+    rng = random.Random(7)
+    try:
+        writers = [asyncio.create_task(write_for(dsn, stop, i, long_tx=i == 0)) for i in range(3)]
+        since: str | None = None
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            async with running.connect() as ws:
+                extra = {"since": since} if since else {}
+                await subscribe(ws, "posts", **extra)
+                for _ in range(rng.randint(1, 40)):
+                    try:
+                        event = await recv(ws, 1)
+                    except TimeoutError:
+                        break
+                    assert "data" in event, event
+                    ledger.add([event])
+                    since = event["id"]
+        stop.set()
+        await asyncio.gather(*writers)
+        async with running.connect() as ws:
+            await subscribe(ws, "posts", since=since)
+            while True:
+                try:
+                    ledger.add([await recv(ws, 1.5)])
+                except TimeoutError:
+                    break
+    finally:
+        await running.stop()
+    assert len(ledger.received) > 100
+    await ledger.verify(db, "posts")
+
+
+async def test_since_that_is_unknown_or_pruned_asks_for_a_resync(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn)
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title) VALUES ('old')")
+            old = await recv(ws)
+            for i in range(5):
+                await db.execute("INSERT INTO posts (title) VALUES ($1)", f"new{i}")
+            await asyncio.sleep(0.3)
+        removed = await changelog.prune(db, max_age=3600, max_transactions=3, batch=2)
+        assert removed == 3
+        assert await db.fetchval("SELECT count(*) FROM pgbridge.commits") == 3
+        for since in (old["id"], "999999999.0"):
+            async with running.connect() as ws:
+                await subscribe(ws, "posts", since=since)
+                assert await recv(ws) == {"type": "resync_required", "collection": "posts"}
+                await db.execute("INSERT INTO posts (title) VALUES ('live')")
+                assert (await recv(ws))["data"]["title"] == "live"
+    finally:
+        await running.stop()
+
+
+async def test_since_replays_only_the_subscribed_operations_then_goes_live(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn)
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title) VALUES ('a'), ('b'), ('c')")
+            first = await recv(ws)
+        await db.execute("UPDATE posts SET title = title || '!'")
+        await db.execute("DELETE FROM posts WHERE title = 'c!'")
+        async with running.connect() as ws:
+            await subscribe(ws, "posts", since=first["id"], operations=["create", "delete"])
+            replayed = [await recv(ws) for _ in range(3)]
+            assert [(e["type"], e["data"]["title"]) for e in replayed] == [
+                ("posts.create", "b"),
+                ("posts.create", "c"),
+                ("posts.delete", "c!"),
+            ]
+            await db.execute("INSERT INTO posts (title) VALUES ('d')")
+            assert (await recv(ws))["data"]["title"] == "d"
+    finally:
+        await running.stop()
+
+
+async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    for i in range(10):
+        await db.execute("INSERT INTO posts (title) VALUES ($1)", str(i))
+    await db.execute("UPDATE pgbridge.commits SET committed_at = now() - interval '2 hours' WHERE seq <= 4")
+    assert await changelog.prune(db, max_age=3600, max_transactions=100, batch=3) == 4
+    assert await changelog.prune(db, max_age=3600, max_transactions=5, batch=3) == 1
+    seqs = [r["seq"] for r in await db.fetch("SELECT seq FROM pgbridge.commits ORDER BY seq")]
+    assert seqs == list(range(6, 11))
+    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BridgeProcess:
+    """``pgbridge serve`` as its own process, as it runs in production."""
+
+    def __init__(self, dsn: str, port: int) -> None:
+        env = {**os.environ, "DATABASE_URL": dsn, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port)}
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgbridge", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    async def ready(self) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("bridge process did not become healthy")
+
+    def url(self, tok: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/realtime/ws?token={tok}"
+
+
+async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(dsn: str, db: asyncpg.Connection) -> None:
+    from tests.helpers import token
+
+    await db.execute(POSTS)
+    port = _free_port()
+    ledger, stop = Ledger(), asyncio.Event()
+    first = BridgeProcess(dsn, port)
+    second: BridgeProcess | None = None
+    try:
+        await first.ready()
+        writers = [asyncio.create_task(write_for(dsn, stop, i)) for i in range(2)]
+        async with websockets.connect(first.url(token()), max_size=None) as ws:
+            await subscribe(ws, "posts")
+            for _ in range(30):
+                ledger.add([await recv(ws)])
+            first.proc.kill()
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    ledger.add([await recv(ws)])
+        await asyncio.sleep(0.5)  # writes continue while no bridge runs
+        second = BridgeProcess(dsn, port)
+        await second.ready()
+        async with websockets.connect(second.url(token()), max_size=None) as ws:
+            await subscribe(ws, "posts", since=ledger.received[-1]["id"])
+            await asyncio.sleep(1)
+            stop.set()
+            await asyncio.gather(*writers)
+            while True:
+                try:
+                    ledger.add([await recv(ws, 1.5)])
+                except TimeoutError:
+                    break
+    finally:
+        for p in (first, second):
+            if p is not None and p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+    await ledger.verify(db, "posts")
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(dsn: str, db: asyncpg.Connection) -> None:
+    from tests.helpers import token
+
+    await db.execute(POSTS)
+    bridge = BridgeProcess(dsn, _free_port())
+    try:
+        await bridge.ready()
+        async with websockets.connect(bridge.url(token())) as ws:
+            await subscribe(ws, "posts")
+            started = time.monotonic()
+            bridge.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert await asyncio.to_thread(bridge.proc.wait, 10) == 0
+        assert time.monotonic() - started < 6
+    finally:
+        if bridge.proc.poll() is None:
+            bridge.proc.kill()
+
+
+@pytest.fixture
+async def own_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    """A PostgreSQL of this test's own, so that stopping it disturbs no other test."""
+    c = await asyncio.to_thread(Cluster, tmp_path / "pg")
+    yield c
+    await asyncio.to_thread(c.cleanup)
+
+
+async def test_postgresql_restart_loses_nothing_and_health_says_so(own_cluster: Cluster) -> None:
+    dsn = own_cluster.dsn()
+    conn = await asyncpg.connect(dsn)
+    await migrate(conn)
+    await conn.execute(POSTS)
+    await conn.close()
+    running: RunningBridge = await start_bridge(dsn, probe_interval=0.5, probe_timeout=1)
+    ledger, stop, finished = Ledger(), asyncio.Event(), asyncio.Event()
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            reader = asyncio.create_task(drain(ws, ledger, finished))
+            writers = [asyncio.create_task(write_for(dsn, stop, i, long_tx=i == 0)) for i in range(3)]
+            await asyncio.sleep(1)
+            await asyncio.to_thread(own_cluster.stop)
+            await wait_for(lambda: not running.bridge.listener.connected, what="listener to notice")
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
+                    assert resp.status == 503
+                    assert (await resp.json())["status"] == "unavailable"
+            await asyncio.sleep(1)
+            await asyncio.to_thread(own_cluster.start)
+            await wait_for(lambda: running.bridge.listener.connected, what="listener to reconnect", timeout=30)
+            await asyncio.sleep(1.5)
+            stop.set()
+            commits = sum(await asyncio.gather(*writers))
+            await asyncio.sleep(1)
+            finished.set()
+            await reader
+    finally:
+        await running.stop()
+    assert commits > 20
+    conn = await asyncpg.connect(dsn)
+    try:
+        await ledger.verify(conn, "posts")
+    finally:
+        await conn.close()
