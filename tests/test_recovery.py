@@ -344,3 +344,33 @@ async def test_postgresql_restart_loses_nothing_and_health_says_so(own_cluster: 
         await ledger.verify(conn, "posts")
     finally:
         await conn.close()
+
+
+async def test_resume_seam_has_no_gap_and_no_duplicate_while_writes_continue(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn)
+    ledger, stop = Ledger(), asyncio.Event()
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title) VALUES ('first')")
+            ledger.add([await recv(ws)])
+        # a backlog of 2000 change-log entries takes many replay batches to read back...
+        await db.execute("DO $$ BEGIN FOR i IN 1..2000 LOOP INSERT INTO posts (title) VALUES (i); END LOOP; END $$")
+        writers = [asyncio.create_task(write_for(dsn, stop, i)) for i in range(2)]
+        await asyncio.sleep(0.2)
+        async with running.connect() as ws:
+            # ...while live changes keep arriving and are held back until the replay is done
+            await subscribe(ws, "posts", since=ledger.received[0]["id"])
+            await asyncio.sleep(0.5)
+            stop.set()
+            await asyncio.gather(*writers)
+            while True:
+                try:
+                    ledger.add([await recv(ws, 1.5)])
+                except TimeoutError:
+                    break
+    finally:
+        await running.stop()
+    assert len(ledger.received) > 2000
+    await ledger.verify(db, "posts")
