@@ -69,3 +69,21 @@ async def bridge(dsn: str, posts: str) -> AsyncIterator[RunningBridge]:
     running = await start_bridge(dsn)
     yield running
     await running.stop()
+
+
+@pytest.fixture
+def sync_dsn(cluster: Cluster) -> str:
+    """A fresh database for a test that runs its own event loop (such as a hypothesis test)."""
+    import asyncio
+
+    name = fresh_name("db")
+
+    async def create() -> None:
+        conn = await asyncpg.connect(cluster.dsn())
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return cluster.dsn(name)

@@ -75,7 +75,8 @@ async def listener_pid(dsn: str) -> int | None:
     conn = await asyncpg.connect(dsn)
     try:
         return await conn.fetchval(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbridge-listener' AND datname = current_database()"
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE application_name = 'pgbridge-listener' AND datname = current_database()"
         )
     finally:
         await conn.close()
@@ -323,10 +324,12 @@ async def test_postgresql_restart_loses_nothing_and_health_says_so(own_cluster: 
             await asyncio.sleep(1)
             await asyncio.to_thread(own_cluster.stop)
             await wait_for(lambda: not running.bridge.listener.connected, what="listener to notice")
-            async with aiohttp.ClientSession() as http:
-                async with http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
-                    assert resp.status == 503
-                    assert (await resp.json())["status"] == "unavailable"
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{running.port}/healthz") as resp,
+            ):
+                assert resp.status == 503
+                assert (await resp.json())["status"] == "unavailable"
             await asyncio.sleep(1)
             await asyncio.to_thread(own_cluster.start)
             await wait_for(lambda: running.bridge.listener.connected, what="listener to reconnect", timeout=30)

@@ -1,0 +1,230 @@
+"""Who sees what: collections claims, tenant isolation, row filters, hidden columns, token forms."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import jwt
+import pytest
+import websockets
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from pgbridge.auth import TokenPolicy
+from tests.helpers import RunningBridge, assert_silent, collect, recv, send, start_bridge, subscribe, token
+
+
+async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db: asyncpg.Connection) -> None:
+    await db.execute("CREATE TABLE notes (id int); SELECT pgbridge.publish('notes')")
+    await asyncio.sleep(0.2)
+    async with bridge.connect(token(collections=["notes"])) as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts"})
+        assert await recv(ws) == {
+            "error": "This token may not subscribe to 'posts'",
+            "action": "subscribe",
+            "collection": "posts",
+        }
+        await subscribe(ws, "notes")
+    async with bridge.connect(token(collections={"posts": ["delete"]})) as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts", "operations": ["create"]})
+        assert (await recv(ws))["error"] == "This token may not receive create on 'posts'"
+        await subscribe(ws, "posts")  # no operations named: the allowed ones
+        await db.execute("INSERT INTO posts (title) VALUES ('x'); DELETE FROM posts")
+        assert (await recv(ws))["type"] == "posts.delete"
+        await assert_silent(ws, 0.3)
+
+
+async def test_tokens_without_the_claim_follow_the_server_setting(dsn: str, posts: str) -> None:
+    unscoped = token()
+    unscoped = jwt.encode(
+        {k: v for k, v in jwt.decode(unscoped, options={"verify_signature": False}).items() if k != "collections"},
+        "test-secret-with-enough-bytes-for-hs256!",
+        algorithm="HS256",
+    )
+    for setting, expect_ok in (("none", False), ("all", True)):
+        running = await start_bridge(dsn, unscoped_tokens=setting)
+        try:
+            async with running.connect(unscoped) as ws:
+                await send(ws, {"action": "subscribe", "collection": "posts"})
+                reply = await recv(ws)
+                assert ("status" in reply) is expect_ok, reply
+        finally:
+            await running.stop()
+
+
+async def test_tenants_see_only_their_rows_and_rows_moving_between_them(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(
+        """CREATE TABLE docs (id int PRIMARY KEY, account_id int, body text);
+           SELECT pgbridge.publish('docs')"""
+    )
+    running = await start_bridge(dsn, tenant_claim="account_id", tenant_column="account_id")
+    try:
+        async with (
+            running.connect(token(account_id=1)) as one,
+            running.connect(token(account_id=2)) as two,
+        ):
+            await subscribe(one, "docs")
+            await subscribe(two, "docs")
+            await db.execute(
+                """INSERT INTO docs VALUES (1, 1, 'one-a'), (2, 2, 'two-a'), (3, 1, 'one-b'), (4, 3, 'three');
+                   UPDATE docs SET body = body || '!' WHERE id IN (1, 2, 4);
+                   UPDATE docs SET account_id = 2, body = 'moved' WHERE id = 3;
+                   DELETE FROM docs WHERE id = 1;"""
+            )
+            got_one = await collect(one, 5)
+            got_two = await collect(two, 3)
+            await assert_silent(one, 0.3)
+            await assert_silent(two, 0.3)
+    finally:
+        await running.stop()
+    assert [(e["type"], e["data"]["id"]) for e in got_one] == [
+        ("docs.create", 1),
+        ("docs.create", 3),
+        ("docs.update", 1),
+        ("docs.delete", 3),  # moved away: seen as leaving, with the row as this tenant knew it
+        ("docs.delete", 1),
+    ]
+    assert got_one[3]["data"]["body"] == "one-b"
+    assert [(e["type"], e["data"]["id"]) for e in got_two] == [
+        ("docs.create", 2),
+        ("docs.update", 2),
+        ("docs.create", 3),  # moved in: seen as arriving, without the old tenant's version
+    ]
+    assert got_two[2]["data"]["body"] == "moved" and "old" not in got_two[2]
+    for tenant, frames in ((1, got_one), (2, got_two)):
+        for frame in frames:
+            assert frame["data"]["account_id"] == tenant
+            assert frame.get("old", frame["data"])["account_id"] == tenant
+    assert "three" not in str(got_one + got_two)
+
+
+async def test_a_token_without_the_tenant_claim_is_refused(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, tenant_claim="account_id", tenant_column="account_id")
+    try:
+        async with running.connect(token()) as ws:
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv(ws)
+        assert closed.value.rcvd is not None
+        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Token lacks the account_id claim")
+    finally:
+        await running.stop()
+
+
+async def test_filters_select_rows_and_see_rows_leave(bridge: RunningBridge, db: asyncpg.Connection) -> None:
+    async with bridge.connect() as mine, bridge.connect() as also_mine, bridge.connect() as popular:
+        flt = {"author_id": 42, "status": {"in": ["draft", "published"]}}
+        await subscribe(mine, "posts", filter=flt)
+        await subscribe(also_mine, "posts", filter=flt)
+        await subscribe(popular, "posts", filter={"title": {"gte": "m"}, "status": {"neq": None}})
+        await db.execute(
+            """INSERT INTO posts (id, title, author_id, status) VALUES
+                 (1, 'a', 42, 'draft'), (2, 'z', 42, 'archived'), (3, 'q', 7, 'published');
+               UPDATE posts SET status = 'archived' WHERE id = 1;
+               DELETE FROM posts WHERE id = 2;"""
+        )
+        got = await collect(mine, 2)
+        assert [(e["type"], e["data"]["id"]) for e in got] == [("posts.create", 1), ("posts.update", 1)]
+        assert got[1]["old"]["status"] == "draft" and got[1]["data"]["status"] == "archived"
+        assert await collect(also_mine, 2) == got
+        got = await collect(popular, 3)
+        assert [(e["type"], e["data"]["id"]) for e in got] == [
+            ("posts.create", 2),
+            ("posts.create", 3),
+            ("posts.delete", 2),
+        ]
+        for ws in (mine, also_mine, popular):
+            await assert_silent(ws, 0.3)
+
+
+async def test_a_filter_on_a_hidden_column_never_matches(bridge: RunningBridge, db: asyncpg.Connection) -> None:
+    async with bridge.connect() as ws:
+        await subscribe(ws, "posts", filter={"secret": {"neq": "x"}})
+        await subscribe(ws, "posts", filter={"secret": None})
+        await db.execute("INSERT INTO posts (title, secret) VALUES ('a', 'y'), ('b', NULL)")
+        await assert_silent(ws, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("flt", "error"),
+    [
+        ([1], "Invalid filter: must be an object mapping column names to conditions"),
+        ({"a": [1, 2]}, "Invalid filter: a must be a value or an object of operators"),
+        ({"a": {}}, "Invalid filter: a has no operator"),
+        ({"a": {"in": []}}, "Invalid filter: a.in expects a list of 1 to 100 values"),
+        ({"a": {"in": 5}}, "Invalid filter: a.in expects a list of 1 to 100 values"),
+        ({"a": {"lt": None}}, "Invalid filter: a.lt expects a string, number or boolean"),
+        ({"a": {"eq": {"x": 1}}}, "Invalid filter: a.eq expects a string, number, boolean or null"),
+    ],
+)
+async def test_malformed_filters_are_named(bridge: RunningBridge, flt: Any, error: str) -> None:
+    async with bridge.connect() as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts", "filter": flt})
+        assert (await recv(ws))["error"] == error
+
+
+async def test_bearer_subprotocol_carries_the_token(bridge: RunningBridge) -> None:
+    async with websockets.connect(bridge.url(), subprotocols=["bearer", token()]) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "bearer"
+        await subscribe(ws, "posts")
+    async with websockets.connect(bridge.url(), subprotocols=["bearer", "not-a-jwt"]) as ws:  # type: ignore[list-item]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await recv(ws)
+    assert closed.value.rcvd is not None and closed.value.rcvd.reason == "Authentication failed"
+
+
+def _pem(key: Any) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@pytest.mark.parametrize("kind", ["RS256", "ES256"])
+async def test_public_key_tokens_and_algorithm_confusion(dsn: str, posts: str, kind: str) -> None:
+    private = rsa.generate_private_key(65537, 2048) if kind == "RS256" else ec.generate_private_key(ec.SECP256R1())
+    public_pem = _pem(private)
+    policy = TokenPolicy.from_settings(secret=None, public_key_pem=public_pem, audience="app", issuer="auth")
+    running = await start_bridge(dsn, policy=policy)
+    now = int(time.time())
+    good = {"sub": "u", "exp": now + 60, "aud": "app", "iss": "auth", "collections": "*"}
+    try:
+        async with running.connect(jwt.encode(good, private, algorithm=kind)) as ws:
+            await subscribe(ws, "posts")
+        bad_tokens = [
+            jwt.encode({**good, "aud": "other"}, private, algorithm=kind),
+            jwt.encode({**good, "iss": "mallory"}, private, algorithm=kind),
+            jwt.encode({k: v for k, v in good.items() if k != "aud"}, private, algorithm=kind),
+            # algorithm confusion: HS256 "signed" with the public key as the secret
+            _hs256_with_public_key(good, public_pem),
+        ]
+        for bad in bad_tokens:
+            async with running.connect(bad) as ws:
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await recv(ws)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Authentication failed")
+    finally:
+        await running.stop()
+
+
+def _hs256_with_public_key(claims: dict[str, Any], public_pem: bytes) -> str:
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + b"." + b64(json.dumps(claims).encode())
+    signature = hmac.new(public_pem, signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + b64(signature)).decode()
+
+
+async def test_leeway_tolerates_clock_skew(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, jwt_leeway=30)
+    try:
+        async with running.connect(token(ttl=-5)) as ws:
+            await subscribe(ws, "posts")
+    finally:
+        await running.stop()
