@@ -1,0 +1,153 @@
+"""The database side (migrations, publish/unpublish) and the pgbridge command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import jwt
+import pytest
+
+from pgbridge.migrate import migrate, migrations
+from tests.helpers import SECRET, Cluster, fresh_name, psql
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pgbridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgbridge", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PGBRIDGE_")}, **(env or {})},
+    )
+
+
+@pytest.fixture
+async def empty_dsn(cluster: Cluster) -> str:
+    name = fresh_name("empty")
+    conn = await asyncpg.connect(cluster.dsn())
+    await conn.execute(f"CREATE DATABASE {name}")
+    await conn.close()
+    return cluster.dsn(name)
+
+
+async def test_migrations_apply_by_hand_twice_and_are_recorded(cluster: Cluster, empty_dsn: str) -> None:
+    for _ in range(2):
+        for m in migrations():
+            psql(cluster, empty_dsn, f"\\i {ROOT / 'sql' / (m.name + '.sql')}")
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        assert [r["name"] for r in await conn.fetch("SELECT name FROM pgbridge.migrations")] == [
+            m.name for m in migrations()
+        ]
+        assert await migrate(conn) == []  # what psql applied counts
+    finally:
+        await conn.close()
+
+
+async def test_migrate_command_applies_once(empty_dsn: str) -> None:
+    first = pgbridge("migrate", "--dsn", empty_dsn)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "applied: " + ", ".join(m.name for m in migrations())
+    again = pgbridge("migrate", env={"DATABASE_URL": empty_dsn})
+    assert (again.returncode, again.stdout.strip()) == (0, "up to date")
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        ("SELECT pgbridge.publish('nope')", 'relation "nope" does not exist'),
+        ("SELECT pgbridge.publish('t'); SELECT pgbridge.publish('t')", "table public.t is already published"),
+        ("SELECT pgbridge.publish('t', '{nope,id}')", "table public.t has no column(s) nope"),
+        ("SELECT pgbridge.publish('v')", "cannot publish public.v: only tables can be published"),
+        ("SELECT pgbridge.unpublish('t')", "table public.t is not published"),
+        ("SELECT pgbridge.publish('t'); SELECT pgbridge.publish('other.t')", 'collection "t" is already used'),
+        ("SELECT pgbridge.publish('t', collection => 'has space')", 'invalid collection name "has space"'),
+    ],
+)
+async def test_publishing_mistakes_are_clear_errors(db: asyncpg.Connection, sql: str, message: str) -> None:
+    await db.execute("CREATE TABLE t (id int); CREATE VIEW v AS SELECT 1; CREATE SCHEMA other; CREATE TABLE other.t ()")
+    with pytest.raises(asyncpg.PostgresError) as error:
+        await db.execute(sql)
+    assert message in str(error.value)
+
+
+async def test_unpublish_stops_capture(db: asyncpg.Connection) -> None:
+    await db.execute("CREATE TABLE t (id int); SELECT pgbridge.publish('t')")
+    await db.execute("INSERT INTO t VALUES (1)")
+    assert await db.fetchval("SELECT pgbridge.unpublish('t')") == "t"
+    await db.execute("INSERT INTO t VALUES (2)")
+    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 1
+    assert await db.fetchval("SELECT count(*) FROM pgbridge.publications") == 0
+
+
+async def test_a_write_never_fails_because_of_pgbridge(db: asyncpg.Connection) -> None:
+    await db.execute("CREATE TABLE t (id int, body text); SELECT pgbridge.publish('t')")
+    await db.execute("INSERT INTO t SELECT g, repeat('y', 9000) FROM generate_series(1, 300) g")  # 2.7 MB
+    await db.execute("UPDATE t SET body = body || 'z'")
+    await db.execute("DELETE FROM t")
+    counts = await db.fetch("SELECT op, sum(nrows) AS n FROM pgbridge.changes GROUP BY op ORDER BY op")
+    assert [(r["op"], r["n"]) for r in counts] == [("create", 300), ("delete", 300), ("update", 300)]
+
+
+def test_publish_command_names_a_missing_table(dsn: str) -> None:
+    done = pgbridge("publish", "--dsn", dsn, "secrets", "--exclude", "password")
+    assert done.returncode == 1 and 'relation "secrets" does not exist' in done.stderr
+
+
+async def test_publish_commands_against_a_table(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute("CREATE TABLE accounts (id int, password text)")
+    done = pgbridge("publish", "--dsn", dsn, "accounts", "--exclude", "password")
+    assert done.returncode == 0, done.stderr
+    assert await db.fetchval("SELECT excluded FROM pgbridge.publications") == ["password"]
+    done = pgbridge("unpublish", "--dsn", dsn, "accounts")
+    assert (done.returncode, done.stdout.strip()) == (0, "unpublished accounts (collection 'accounts')")
+
+
+def test_serve_refuses_to_start_without_a_secret() -> None:
+    done = pgbridge("serve", "--dsn", "postgresql://nowhere/x")
+    assert done.returncode == 2
+    assert "no JWT secret" in done.stderr and "PGBRIDGE_JWT_SECRET" in done.stderr
+
+
+def test_token_command_mints_a_token_the_server_accepts() -> None:
+    done = pgbridge("token", "--sub", "alice", "--ttl", "60", "--collections", "posts,notes", "--claim", "account_id=7",
+                    env={"PGBRIDGE_JWT_SECRET": SECRET})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["collections"] == ["posts", "notes"] and claims["account_id"] == 7
+    assert 55 <= claims["exp"] - claims["iat"] <= 60
+    missing = pgbridge("token", "--sub", "alice")
+    assert missing.returncode == 2 and "no JWT secret" in missing.stderr
+
+
+def test_settings_come_from_flags_then_environment() -> None:
+    bad = pgbridge("serve", "--jwt-secret", "s", env={"PGBRIDGE_PORT": "eighty"})
+    assert bad.returncode == 2 and "PGBRIDGE_PORT='eighty' is not a valid int" in bad.stderr
+
+
+def test_a_built_wheel_carries_the_migrations(tmp_path: Path) -> None:
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
+         str(ROOT)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    wheel = next(tmp_path.glob("pgbridge-*.whl"))
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pgbridge.migrate as m; print(m.__file__, [x.name for x in m.migrations()])"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
+    assert str(target) in probe.stdout and "001_change_log" in probe.stdout
