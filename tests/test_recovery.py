@@ -383,3 +383,33 @@ async def test_resume_seam_has_no_gap_and_no_duplicate_while_writes_continue(dsn
         await running.stop()
     assert len(ledger.received) > 2000
     await ledger.verify(db, "posts")
+
+
+async def test_a_connection_that_stops_answering_is_replaced_quickly(dsn: str, db: asyncpg.Connection) -> None:
+    """A frozen backend looks like a half-open TCP connection: open, but silent."""
+    await db.execute(POSTS)
+    running = await start_bridge(dsn, probe_interval=0.5, probe_timeout=1)
+    pid = await listener_pid(dsn)
+    assert pid is not None
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await db.execute("INSERT INTO posts (title) VALUES ('while frozen')")
+                started = time.monotonic()
+                event = await recv(ws, 10)
+                assert event["data"]["title"] == "while frozen"
+                assert time.monotonic() - started < 5
+                assert (
+                    await db.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbridge-listener'"
+                        " AND datname = current_database() AND pid <> $1",
+                        pid,
+                    )
+                    == 1
+                )  # a new connection took over
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    finally:
+        await running.stop()
