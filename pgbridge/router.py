@@ -22,6 +22,9 @@ from pgbridge.filters import RowFilter, compile_filter
 class Sink(Protocol):
     """Where a subscription's messages go: a client connection's outbound queue."""
 
+    closing: bool
+    """True once the sink is being closed; nothing more will be sent."""
+
     def send(self, data: bytes) -> None:
         """Queue ``data`` without waiting; a sink that is full closes itself as a slow consumer."""
 

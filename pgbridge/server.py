@@ -70,7 +70,7 @@ class Bridge:
                     position = (seq, change.change_id)
                     sent.add(change.change_id)
                     send(change, index + 1 if change.change_id == change_id else 0)
-                if len(batch) < changelog.REPLAY_BATCH or (isinstance(sub.sink, Connection) and sub.sink.closing):
+                if len(batch) < changelog.REPLAY_BATCH or sub.sink.closing:
                     return sent
 
 

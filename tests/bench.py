@@ -31,6 +31,8 @@ SUBSCRIBERS = 1000
 
 
 class CountingSink:
+    closing = False
+
     def __init__(self) -> None:
         self.count = 0
         self.bytes = 0
