@@ -163,6 +163,16 @@ async def collect(ws: Any, count: int, timeout: float = 20.0) -> list[dict[str, 
     return events
 
 
+async def until_quiet(ws: Any, quiet: float = 1.5) -> list[dict[str, Any]]:
+    """Receive everything until nothing has arrived for ``quiet`` seconds."""
+    received = []
+    while True:
+        try:
+            received.append(await recv(ws, quiet))
+        except TimeoutError:
+            return received
+
+
 async def assert_silent(ws: Any, seconds: float = 0.5) -> None:
     """Nothing but heartbeats arrives for ``seconds``."""
     try:

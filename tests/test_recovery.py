@@ -21,7 +21,17 @@ import websockets
 
 from pgbridge import changelog
 from pgbridge.migrate import migrate
-from tests.helpers import SECRET, Cluster, Ledger, RunningBridge, recv, start_bridge, subscribe, wait_for
+from tests.helpers import (
+    SECRET,
+    Cluster,
+    Ledger,
+    RunningBridge,
+    recv,
+    start_bridge,
+    subscribe,
+    until_quiet,
+    wait_for,
+)
 
 POSTS = "CREATE TABLE posts (id bigserial PRIMARY KEY, title text); SELECT pgbridge.publish('posts')"
 
@@ -142,11 +152,7 @@ async def test_client_resumes_with_since_after_random_disconnects(dsn: str, db: 
         await asyncio.gather(*writers)
         async with running.connect() as ws:
             await subscribe(ws, "posts", since=since)
-            while True:
-                try:
-                    ledger.add([await recv(ws, 1.5)])
-                except TimeoutError:
-                    break
+            ledger.add(await until_quiet(ws))
     finally:
         await running.stop()
     assert len(ledger.received) > 100
@@ -272,11 +278,7 @@ async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(dsn
             await asyncio.sleep(1)
             stop.set()
             await asyncio.gather(*writers)
-            while True:
-                try:
-                    ledger.add([await recv(ws, 1.5)])
-                except TimeoutError:
-                    break
+            ledger.add(await until_quiet(ws))
     finally:
         for p in (first, second):
             if p is not None and p.proc.poll() is None:
@@ -374,11 +376,7 @@ async def test_resume_seam_has_no_gap_and_no_duplicate_while_writes_continue(dsn
             await asyncio.sleep(0.5)
             stop.set()
             await asyncio.gather(*writers)
-            while True:
-                try:
-                    ledger.add([await recv(ws, 1.5)])
-                except TimeoutError:
-                    break
+            ledger.add(await until_quiet(ws))
     finally:
         await running.stop()
     assert len(ledger.received) > 2000
