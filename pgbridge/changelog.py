@@ -50,12 +50,14 @@ async def seq_of(conn: asyncpg.Connection, change_id: int) -> int | None:
     return seq
 
 
-async def fetch_change(conn: asyncpg.Connection, change_id: int) -> Change:
-    """Read one change back, for a notification that carried only a reference to it."""
-    row = await conn.fetchrow(f"SELECT {_CHANGE_COLUMNS} FROM pgbridge.changes l WHERE l.id = $1", change_id)
-    if row is None:
-        raise Pruned(f"change {change_id} is not in the change log")
-    return _change(row)
+async def fetch_change(conn: asyncpg.Connection, change_id: int) -> tuple[int, Change] | None:
+    """Read one committed change back with its commit sequence number; None when it is not in the log."""
+    row = await conn.fetchrow(
+        f"""SELECT c.seq, {_CHANGE_COLUMNS}
+            FROM pgbridge.changes l JOIN pgbridge.commits c ON c.xid = l.xid WHERE l.id = $1""",
+        change_id,
+    )
+    return None if row is None else (row["seq"], _change(row))
 
 
 async def read_after(

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PgBridgeError as exc:
         print(f"pgbridge: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         print(f"pgbridge: error: {_explain(exc)}", file=sys.stderr)
         return 1
 
@@ -99,7 +100,9 @@ def _explain(exc: BaseException) -> str:
         if isinstance(exc, asyncpg.UndefinedFunctionError | asyncpg.InvalidSchemaNameError) and "pgbridge" in text:
             hint = "the pgbridge schema is missing: run `pgbridge migrate` first"
         return f"{text}" + (f" ({hint})" if hint else "")
-    return f"cannot reach PostgreSQL: {text} (set --dsn or DATABASE_URL)"
+    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror) or "connect" in text.lower():
+        return f"cannot reach PostgreSQL: {text} (set --dsn or DATABASE_URL)"
+    return text
 
 
 def _policy(settings: Settings) -> TokenPolicy:

@@ -37,6 +37,7 @@ class Settings:
     probe_timeout: float = 5.0
     stats_interval: float = 10.0
     queue_warning: float = 0.5
+    verify_notifications: bool = False
 
     def __post_init__(self) -> None:
         if (self.tenant_claim is None) != (self.tenant_column is None):
@@ -54,6 +55,15 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
 
 # flag name -> (type, help). Each flag also reads PGBRIDGE_<NAME> from the environment.
@@ -76,6 +86,10 @@ _SERVE_FLAGS: dict[str, tuple[Any, str]] = {
     "retention_transactions": (int, "most transactions the change log keeps"),
     "probe_interval": (float, "seconds between liveness probes of the listener's connection"),
     "probe_timeout": (float, "seconds a liveness probe may take before the connection is dropped"),
+    "verify_notifications": (
+        _boolean,
+        "read every change back from the change log instead of trusting NOTIFY payloads (true/false)",
+    ),
 }
 
 
@@ -111,7 +125,8 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"PGBRIDGE_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+                expected = "boolean" if kind is _boolean else kind.__name__
+                raise ConfigError(f"PGBRIDGE_{name.upper()}={raw!r} is not a valid {expected}") from None
         if value is not None:
             values[name] = value
     values.update(overrides)

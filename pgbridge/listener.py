@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from pgbridge import changelog
-from pgbridge.events import Change, ChangeRef, DecodeError, decode_notification
+from pgbridge.events import Change, DecodeError, decode_notification
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class ListenerSettings:
     probe_timeout: float = 5.0
     connect_timeout: float = 10.0
     backoff_max: float = 10.0
+    verify: bool = False
+    """Read every change back from the log instead of trusting notification payloads."""
 
 
 class Listener:
@@ -155,10 +157,22 @@ class Listener:
                 if item.change_id in replayed:
                     continue
                 replayed.clear()
-            if isinstance(item, ChangeRef):
-                async with self._lock:
-                    item = await changelog.fetch_change(conn, item.change_id)
-            self._deliver(item, None)
+            if not self._settings.verify and isinstance(item, Change):
+                self._deliver(item, None)
+                continue
+            async with self._lock:
+                found = await changelog.fetch_change(conn, item.change_id)
+            if found is None:
+                log.warning("ignoring a notification of change %d, which is not in the change log", item.change_id)
+            elif self._settings.verify and not self._after_position(found[0], item.change_id):
+                log.warning("ignoring a repeated notification of change %d", item.change_id)
+            else:
+                self._deliver(found[1], found[0])
+
+    def _after_position(self, seq: int, change_id: int) -> bool:
+        assert self._position is not None
+        last_seq, last_id = self._position
+        return last_seq is None or (seq, change_id) > (last_seq, last_id)
 
     def _deliver(self, change: Change, seq: int | None) -> None:
         self._position = (seq, change.change_id)
@@ -199,5 +213,7 @@ async def _first_failure(*aws: Coroutine[Any, Any, None]) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
+        return f"{exc} (the pgbridge schema is missing: run `pgbridge migrate`)"
     text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -23,6 +23,8 @@ from pgbridge.router import Router, Subscription, direct, tenant_filter
 log = logging.getLogger(__name__)
 
 WS_PATH = "/api/v1/realtime/ws"
+# What a database that is down, restarting or unreachable raises.
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(eq=False)
@@ -42,7 +44,9 @@ class Bridge:
     def __post_init__(self) -> None:
         s = self.settings
         self.listener = Listener(
-            ListenerSettings(s.dsn, probe_interval=s.probe_interval, probe_timeout=s.probe_timeout),
+            ListenerSettings(
+                s.dsn, probe_interval=s.probe_interval, probe_timeout=s.probe_timeout, verify=s.verify_notifications
+            ),
             self.router.route,
             self._set_publications,
         )
@@ -200,7 +204,7 @@ class Connection:
             replayed = await bridge.replay(sub, message.since)
         except changelog.Pruned:
             self.send(protocol.resync_required(name))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("replay for a client failed: %s", exc)
             bridge.router.remove(self, name)
             raise refuse(
@@ -282,14 +286,14 @@ async def _maintenance(bridge: Bridge) -> None:
                     if removed:
                         log.info("pruned %d transactions from the change log", removed)
                     next_prune = time.monotonic() + s.prune_interval
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             log.debug("maintenance skipped: %s", exc)
         await asyncio.sleep(s.stats_interval)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     bridge = app[BRIDGE]
-    bridge.pool = await asyncpg.create_pool(bridge.settings.dsn, min_size=0, max_size=4)
+    bridge.pool = await asyncpg.create_pool(bridge.settings.dsn, min_size=0, max_size=4, timeout=10)
     tasks = [
         asyncio.create_task(bridge.listener.run(), name="pgbridge-listener"),
         asyncio.create_task(_heartbeats(bridge), name="pgbridge-heartbeat"),

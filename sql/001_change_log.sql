@@ -14,8 +14,8 @@ CREATE TABLE IF NOT EXISTS pgbridge.migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per published table. The triggers carry the collection name and the excluded columns as
--- arguments, so capturing a change needs no lookup here; this table is the record publish() keeps.
+-- One row per published table: the only source of its collection name and excluded columns, so a
+-- capture trigger attached by hand to any other table captures nothing.
 CREATE TABLE IF NOT EXISTS pgbridge.publications (
     relid      regclass PRIMARY KEY,
     collection text NOT NULL UNIQUE,
@@ -77,7 +77,7 @@ BEGIN
 END
 $$;
 
--- Statement-level capture: TG_ARGV[0] is the collection, TG_ARGV[1] the excluded columns.
+-- Statement-level capture of the table's publication.
 -- An UPDATE's OLD and NEW transition tables are filled in lockstep, one pair per updated row, so the
 -- n-th old row is the n-th new row: that pairs rows whose key changed and tables without a key.
 CREATE OR REPLACE FUNCTION pgbridge.capture() RETURNS trigger
@@ -88,8 +88,8 @@ AS $$
 DECLARE
     max_rows  CONSTANT integer := 1000;
     max_bytes CONSTANT integer := 1048576;
-    coll      text := TG_ARGV[0];
-    excl      text[] := TG_ARGV[1]::text[];
+    coll      text;
+    excl      text[];
     op        text := CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'update' ELSE 'delete' END;
     lines     text[] := '{}';
     n         integer := 0;
@@ -97,6 +97,10 @@ DECLARE
     line      text;
     rows      refcursor;
 BEGIN
+    SELECT p.collection, p.excluded INTO coll, excl FROM pgbridge.publications p WHERE p.relid = TG_RELID;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         OPEN rows FOR SELECT (to_jsonb(t) - excl)::text FROM pgbridge_new t;
     ELSIF TG_OP = 'DELETE' THEN
@@ -203,13 +207,13 @@ BEGIN
     INSERT INTO pgbridge.publications (relid, collection, excluded) VALUES (tbl, coll, exclude);
     EXECUTE format('CREATE TRIGGER pgbridge_capture_insert AFTER INSERT ON %s '
                    'REFERENCING NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture(%L, %L)', tbl, coll, exclude);
+                   'EXECUTE FUNCTION pgbridge.capture()', tbl);
     EXECUTE format('CREATE TRIGGER pgbridge_capture_update AFTER UPDATE ON %s '
                    'REFERENCING OLD TABLE AS pgbridge_old NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture(%L, %L)', tbl, coll, exclude);
+                   'EXECUTE FUNCTION pgbridge.capture()', tbl);
     EXECUTE format('CREATE TRIGGER pgbridge_capture_delete AFTER DELETE ON %s '
                    'REFERENCING OLD TABLE AS pgbridge_old FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture(%L, %L)', tbl, coll, exclude);
+                   'EXECUTE FUNCTION pgbridge.capture()', tbl);
     PERFORM pg_notify('pgbridge_publications', coll);
     RETURN coll;
 END

@@ -228,3 +228,44 @@ async def test_leeway_tolerates_clock_skew(dsn: str, posts: str) -> None:
             await subscribe(ws, "posts")
     finally:
         await running.stop()
+
+
+async def test_a_capture_trigger_attached_by_hand_cannot_forge_a_collection(
+    bridge: RunningBridge, db: asyncpg.Connection
+) -> None:
+    await db.execute(
+        """CREATE TABLE mine (title text);
+           CREATE TRIGGER forge AFTER INSERT ON mine REFERENCING NEW TABLE AS pgbridge_new
+           FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture()"""
+    )
+    async with bridge.connect() as ws:
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO mine VALUES ('forged')")
+        await db.execute("INSERT INTO posts (title) VALUES ('real')")
+        assert (await recv(ws))["data"]["title"] == "real"
+        await assert_silent(ws, 0.3)
+    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 1
+
+
+async def test_verified_notifications_ignore_forged_and_repeated_payloads(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, verify_notifications=True)
+    forger = await asyncpg.connect(dsn)
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await forger.execute("INSERT INTO posts (title) VALUES ('real')")
+            real = await recv(ws)
+            assert real["data"]["title"] == "real" and "secret" not in real["data"]
+            change_id = int(real["id"].split(".")[0])
+            forged = '{"id": %d, "c": "posts", "op": "create", "ts": "2026-01-01T00:00:00.000Z", "n": 1}\n%s'
+            await forger.execute(
+                "SELECT pg_notify('pgbridge', $1), pg_notify('pgbridge', $2)",
+                forged % (change_id, '{"title": "replayed"}'),
+                forged % (10**9, '{"title": "invented"}'),
+            )
+            await forger.execute("INSERT INTO posts (title) VALUES ('second')")
+            assert (await recv(ws))["data"]["title"] == "second"
+            await assert_silent(ws, 0.3)
+    finally:
+        await forger.close()
+        await running.stop()
