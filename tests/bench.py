@@ -1,10 +1,13 @@
 """``make bench``: pgbridge's speed as ratios against baselines measured in the same run.
 
-1. write cost: single-row INSERT transactions per second into a published table vs. the same table
-   unpublished (4 concurrent writers);
-2. ingest: changes per second through the bridge's listener and router vs. a bare asyncpg listener
-   that only decodes each notification with orjson (the ceiling);
-3. fan-out: deliveries per second to 1000 subscribers with encode-once vs. encoding per subscriber.
+1. write cost: INSERT transactions per second into a published table vs. the same table unpublished,
+   one row per transaction (4 writers) and 100 rows per transaction (2 writers);
+2. ingest: changes per second from the writer's statement to the last delivery, through the bridge's
+   listener and router vs. a bare asyncpg listener (what PostgreSQL itself delivers); and the CPU
+   per change in process: the bridge's decode and route vs. a bare orjson decode of the payload;
+3. fan-out: deliveries per second to 1000 subscribers with encode-once vs. encoding per subscriber;
+4. memory: the bridge's peak Python heap while one 200,000-row statement flows through it, vs. the
+   size of those rows.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import asyncpg
 import orjson
 
 from pgbridge import protocol
-from pgbridge.events import Change
+from pgbridge.events import Change, decode_notification
 from pgbridge.filters import MATCH_ALL
 from pgbridge.listener import Listener, ListenerSettings
 from pgbridge.migrate import migrate
@@ -45,19 +49,20 @@ class CountingSink:
         raise AssertionError("unbounded sink")
 
 
-async def writes_per_second(dsn: str, table: str) -> float:
+async def writes_per_second(dsn: str, table: str, rows: int = 1, writers: int = 4) -> float:
     stop = time.monotonic() + WRITE_SECONDS
+    sql = f"INSERT INTO {table} (title) SELECT 'x' FROM generate_series(1, {rows})"
 
     async def writer() -> int:
         conn = await asyncpg.connect(dsn)
         n = 0
         while time.monotonic() < stop:
-            await conn.execute(f"INSERT INTO {table} (title) VALUES ('x')")
+            await conn.execute(sql)
             n += 1
         await conn.close()
         return n
 
-    return sum(await asyncio.gather(*(writer() for _ in range(4)))) / WRITE_SECONDS
+    return sum(await asyncio.gather(*(writer() for _ in range(writers)))) / WRITE_SECONDS
 
 
 async def burst(dsn: str) -> None:
@@ -66,17 +71,15 @@ async def burst(dsn: str) -> None:
     await conn.close()
 
 
-async def bare_listener_rate(dsn: str) -> float:
+async def bare_listener_rate(dsn: str, captured: list[str]) -> float:
     conn = await asyncpg.connect(dsn)
     done = asyncio.Event()
-    seen = 0
 
     def on(_c: object, _p: int, _ch: str, payload: str) -> None:
-        nonlocal seen
         head, _, _body = payload.partition("\n")
         orjson.loads(head)
-        seen += 1
-        if seen == CHANGES:
+        captured.append(payload)
+        if len(captured) == CHANGES:
             done.set()
 
     await conn.add_listener("pgbridge", on)
@@ -105,6 +108,51 @@ async def bridge_listener_rate(dsn: str) -> float:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return CHANGES / elapsed
+
+
+async def bulk_memory(dsn: str, rows: int = 200_000) -> tuple[float, float]:
+    """Peak heap (MB) while a ``rows``-row statement is delivered, and the size of its rows (MB)."""
+    router = Router()
+    sink = CountingSink()
+    router.add(Subscription(sink, "pub", frozenset({"create", "update", "delete"}), MATCH_ALL))
+    done = asyncio.Event()
+
+    def route(change: Change) -> None:
+        router.route(change)
+        if sink.count >= rows:
+            done.set()
+
+    listener = Listener(ListenerSettings(dsn), route, lambda _: None)
+    task = asyncio.create_task(listener.run())
+    await wait_for(lambda: listener.connected, what="listener")
+    tracemalloc.start()
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"INSERT INTO pub (title) SELECT repeat('m', 200) FROM generate_series(1, {rows})")
+    await done.wait()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    total = await conn.fetchval("SELECT sum(octet_length(body)) FROM pgbridge.changes WHERE nrows > 1")
+    await conn.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return peak / 2**20, total / 2**20
+
+
+def processing_rates(payloads: list[str]) -> tuple[float, float]:
+    """Per-change CPU in process: a bare orjson decode of every line vs. the bridge's decode and route."""
+    started = time.perf_counter()
+    for payload in payloads:
+        for line in payload.split("\n"):
+            orjson.loads(line)
+    bare = len(payloads) / (time.perf_counter() - started)
+    router = Router()
+    router.add(Subscription(CountingSink(), "pub", frozenset({"create"}), MATCH_ALL))
+    started = time.perf_counter()
+    for payload in payloads:
+        change = decode_notification(payload)
+        assert isinstance(change, Change)
+        router.route(change)
+    return bare, len(payloads) / (time.perf_counter() - started)
 
 
 def fan_out_rates() -> tuple[float, float]:
@@ -142,23 +190,26 @@ async def main() -> None:
             await conn.close()
             plain = await writes_per_second(dsn, "plain")
             published = await writes_per_second(dsn, "pub")
-            bare = await bare_listener_rate(dsn)
+            plain_bulk = await writes_per_second(dsn, "plain", rows=100, writers=2)
+            published_bulk = await writes_per_second(dsn, "pub", rows=100, writers=2)
+            payloads: list[str] = []
+            bare = await bare_listener_rate(dsn, payloads)
             bridged = await bridge_listener_rate(dsn)
+            decode_bare, decode_bridge = processing_rates(payloads)
             once, each = fan_out_rates()
+            peak, data = await bulk_memory(dsn)
         finally:
             cluster.cleanup()
-    print(
-        f"write, 1 row/tx, 4 writers:  unpublished {plain:9.0f} tx/s   published {published:9.0f} tx/s"
-        f"   ratio {published / plain:.2f}"
-    )
-    print(
-        f"ingest, {CHANGES} changes:     bare listener {bare:7.0f} /s   bridge {bridged:9.0f} /s"
-        f"   ratio {bridged / bare:.2f}"
-    )
-    print(
-        f"fan-out to {SUBSCRIBERS} sockets:  per-subscriber encode {each:7.0f} /s   encode once {once:7.0f} /s"
-        f"   ratio {once / each:.2f}"
-    )
+    report = [
+        ("write, 1 row/tx, 4 writers", "unpublished tx/s", plain, "published tx/s", published),
+        ("write, 100 rows/tx, 2 writers", "unpublished tx/s", plain_bulk, "published tx/s", published_bulk),
+        (f"ingest, {CHANGES} changes, write to socket", "bare listener /s", bare, "bridge /s", bridged),
+        ("ingest CPU, decode and route", "orjson decode /s", decode_bare, "bridge /s", decode_bridge),
+        (f"fan-out to {SUBSCRIBERS} sockets", "encode per socket /s", each, "encode once /s", once),
+        ("memory, one 200,000-row statement", "rows MB", data, "peak heap MB", peak),
+    ]
+    for what, base_name, base, name, value in report:
+        print(f"{what:36} {base_name:>20} {base:11.1f}   {name:>16} {value:11.1f}   ratio {value / base:5.2f}")
 
 
 if __name__ == "__main__":

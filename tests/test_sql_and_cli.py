@@ -151,3 +151,19 @@ def test_a_built_wheel_carries_the_migrations(tmp_path: Path) -> None:
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     assert str(target) in probe.stdout and "001_change_log" in probe.stdout
+
+
+async def test_partitioned_tables_publish_on_the_root(db: asyncpg.Connection) -> None:
+    await db.execute(
+        """CREATE TABLE m (id int, region text) PARTITION BY LIST (region);
+           CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+           CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+           SELECT pgbridge.publish('m');
+           INSERT INTO m VALUES (1, 'eu'), (2, 'us');
+           UPDATE m SET region = 'us' WHERE id = 1;"""
+    )
+    rows = await db.fetch("SELECT op, body FROM pgbridge.changes ORDER BY id")
+    assert [(r["op"], r["body"]) for r in rows] == [
+        ("create", '{"id": 1, "region": "eu"}\n{"id": 2, "region": "us"}'),
+        ("update", '{"id": 1, "region": "us"}\n{"id": 1, "region": "eu"}'),  # moved partition: still one update
+    ]
