@@ -39,6 +39,8 @@ class ListenerSettings:
     probe_interval: float = 5.0
     probe_timeout: float = 5.0
     connect_timeout: float = 10.0
+    query_timeout: float = 30.0
+    """Bounds every query on the connection, so that reconnecting cannot hang on a dead one."""
     backoff_max: float = 10.0
     verify: bool = False
     """Read every change back from the log instead of trusting notification payloads."""
@@ -57,7 +59,6 @@ class Listener:
         self._settings = settings
         self._on_change = on_change
         self._on_publications = on_publications
-        self._queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._lock = asyncio.Lock()  # one query at a time on the connection
         # The last change delivered: (seq, id); seq is None until looked up, id is _LAST before any.
         self._position: tuple[int | None, int] | None = None
@@ -88,12 +89,14 @@ class Listener:
     async def _session(self) -> None:
         s = self._settings
         conn: asyncpg.Connection = await asyncpg.connect(
-            s.dsn, timeout=s.connect_timeout, server_settings={"application_name": "pgbridge-listener"}
+            s.dsn,
+            timeout=s.connect_timeout,
+            command_timeout=s.query_timeout,
+            server_settings={"application_name": "pgbridge-listener"},
         )
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
-        self._queue = asyncio.Queue()
-        queue = self._queue
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         try:
             if self._position is None:
                 # Everything committed after this point is delivered: read it before LISTEN so that

@@ -146,7 +146,11 @@ class Connection:
                 if self.closing:
                     break
                 if msg.type is WSMsgType.TEXT:
-                    await self._handle(msg.data)
+                    try:
+                        await self._handle(msg.data)
+                    except Exception:
+                        log.exception("internal error serving a client")
+                        self.close_soon(1011, "Internal error")
                 elif msg.type is WSMsgType.BINARY:
                     self.send(protocol.error("Binary frames are not supported"))
         finally:

@@ -222,3 +222,25 @@ async def test_a_client_that_stops_reading_is_closed_with_1013_and_others_are_no
             await assert_silent(fast, 0.2)
     finally:
         await running.stop()
+
+
+async def test_an_internal_error_closes_with_1011_and_the_server_stays_up(
+    bridge: RunningBridge, db: asyncpg.Connection
+) -> None:
+    async with bridge.connect() as ws:
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO posts (title) VALUES ('one')")
+        first = await recv(ws)
+        await db.execute("INSERT INTO posts (title) VALUES ('two')")
+        await recv(ws)
+    # a damaged change-log entry: it claims more rows than it holds
+    await db.execute("UPDATE pgbridge.changes SET nrows = 5 WHERE id = (SELECT max(id) FROM pgbridge.changes)")
+    async with bridge.connect() as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts", "since": first["id"]})
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await recv(ws)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1011, "Internal error")
+    async with bridge.connect() as ws:
+        await subscribe(ws, "posts")
