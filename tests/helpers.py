@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import jwt
 import orjson
+import pytest
 import websockets
 from aiohttp import web
 
@@ -161,6 +162,18 @@ async def collect(ws: Any, count: int, timeout: float = 20.0) -> list[dict[str, 
             raise AssertionError(f"received {len(events)} of {count} events")
         events.append(await recv(ws, left))
     return events
+
+
+async def close_frame(ws: Any, *, discard: bool = False, timeout: float = 20.0) -> tuple[int, str]:
+    """Wait for the server to close ``ws``; return the close code and reason it sent.
+
+    A message that arrives first fails the test, unless ``discard`` lets it be dropped."""
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            message = await recv(ws, timeout)
+            assert discard, f"expected the connection to close, received {message}"
+    assert closed.value.rcvd is not None, "the connection ended without a close frame"
+    return closed.value.rcvd.code, closed.value.rcvd.reason
 
 
 async def until_quiet(ws: Any, quiet: float = 1.5) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pgbridge.auth import TokenPolicy
-from tests.helpers import RunningBridge, assert_silent, collect, recv, send, start_bridge, subscribe, token
+from tests.helpers import RunningBridge, assert_silent, close_frame, collect, recv, send, start_bridge, subscribe, token
 
 
 async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db: asyncpg.Connection) -> None:
@@ -105,10 +105,7 @@ async def test_a_token_without_the_tenant_claim_is_refused(dsn: str, posts: str)
     running = await start_bridge(dsn, tenant_claim="account_id", tenant_column="account_id")
     try:
         async with running.connect(token()) as ws:
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                await recv(ws)
-        assert closed.value.rcvd is not None
-        assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Token lacks the account_id claim")
+            assert await close_frame(ws) == (1008, "Token lacks the account_id claim")
     finally:
         await running.stop()
 
@@ -170,9 +167,7 @@ async def test_bearer_subprotocol_carries_the_token(bridge: RunningBridge) -> No
         assert ws.subprotocol == "bearer"
         await subscribe(ws, "posts")
     async with websockets.connect(bridge.url(), subprotocols=["bearer", "not-a-jwt"]) as ws:  # type: ignore[list-item]
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await recv(ws)
-    assert closed.value.rcvd is not None and closed.value.rcvd.reason == "Authentication failed"
+        assert (await close_frame(ws))[1] == "Authentication failed"
 
 
 def _pem(key: Any) -> bytes:
@@ -199,10 +194,7 @@ async def test_public_key_tokens_and_algorithm_confusion(dsn: str, posts: str, k
         ]
         for bad in bad_tokens:
             async with running.connect(bad) as ws:
-                with pytest.raises(websockets.ConnectionClosed) as closed:
-                    await recv(ws)
-            assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Authentication failed")
+                assert await close_frame(ws) == (1008, "Authentication failed")
     finally:
         await running.stop()
 

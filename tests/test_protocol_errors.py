@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import asyncpg
@@ -10,7 +11,7 @@ import jwt
 import pytest
 import websockets
 
-from tests.helpers import SECRET, RunningBridge, assert_silent, recv, send, start_bridge, subscribe, token
+from tests.helpers import SECRET, RunningBridge, assert_silent, close_frame, recv, send, start_bridge, subscribe, token
 
 
 @pytest.mark.parametrize(
@@ -105,9 +106,7 @@ async def test_a_frame_over_the_limit_closes_with_1009_and_others_carry_on(
     async with bridge.connect() as bystander, bridge.connect() as ws:
         await subscribe(bystander, "posts")
         await ws.send('{"action": "ping", "pad": "' + "x" * (64 * 1024) + '"}')
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await recv(ws)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert (await close_frame(ws))[0] == 1009
         await db.execute("INSERT INTO posts (title) VALUES ('still here')")
         assert (await recv(bystander))["data"]["title"] == "still here"
 
@@ -130,11 +129,9 @@ async def test_subscription_limit(bridge: RunningBridge, db: asyncpg.Connection)
 
 async def closed_with(bridge: RunningBridge, url: str, **kwargs: object) -> tuple[int, str]:
     async with websockets.connect(url, **kwargs) as ws:  # type: ignore[arg-type]
-        with pytest.raises(websockets.ConnectionClosed) as closed:
+        with contextlib.suppress(websockets.ConnectionClosed):  # the server may have closed already
             await ws.send('{"action": "ping"}')
-            await recv(ws)
-    assert closed.value.rcvd is not None
-    return closed.value.rcvd.code, closed.value.rcvd.reason
+        return await close_frame(ws)
 
 
 def _unsigned(claims: dict[str, object]) -> str:
@@ -161,10 +158,7 @@ async def test_bad_tokens_close_with_1008(bridge: RunningBridge, tok: str | None
 async def test_a_token_that_expires_while_connected_closes_the_connection(bridge: RunningBridge) -> None:
     async with bridge.connect(token(ttl=2)) as ws:
         await subscribe(ws, "posts")
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await recv(ws, 10)
-    assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, "Token expired")
+        assert await close_frame(ws) == (1008, "Token expired")
 
 
 async def test_no_message_is_acted_on_before_the_token_is_checked(
@@ -185,10 +179,7 @@ async def test_shutdown_closes_clients_with_1001(dsn: str, posts: str) -> None:
     async with running.connect() as ws:
         await subscribe(ws, "posts")
         await running.stop()
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await recv(ws)
-    assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "Server shutting down")
+        assert await close_frame(ws) == (1001, "Server shutting down")
 
 
 async def test_a_client_that_stops_reading_is_closed_with_1013_and_others_are_not_delayed(
@@ -211,11 +202,7 @@ async def test_a_client_that_stops_reading_is_closed_with_1013_and_others_are_no
             for _ in range(100):
                 await db.execute("INSERT INTO posts (title) SELECT repeat('x', 20000) FROM generate_series(1, 10)")
             assert await reader == 1000
-            with pytest.raises(websockets.ConnectionClosed) as closed:
-                while True:
-                    await recv(slow, 20)
-            assert closed.value.rcvd is not None
-            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, "Slow consumer")
+            assert await close_frame(slow, discard=True) == (1013, "Slow consumer")
             assert len(running.bridge.connections) == 1
             await send(fast, {"action": "ping"})
             assert (await recv(fast))["type"] == "pong"
@@ -237,10 +224,6 @@ async def test_an_internal_error_closes_with_1011_and_the_server_stays_up(
     await db.execute("UPDATE pgbridge.changes SET nrows = 5 WHERE id = (SELECT max(id) FROM pgbridge.changes)")
     async with bridge.connect() as ws:
         await send(ws, {"action": "subscribe", "collection": "posts", "since": first["id"]})
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            while True:
-                await recv(ws)
-    assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1011, "Internal error")
+        assert await close_frame(ws, discard=True) == (1011, "Internal error")
     async with bridge.connect() as ws:
         await subscribe(ws, "posts")
