@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import secrets
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,13 +99,16 @@ def _explain(exc: BaseException) -> str:
         if isinstance(exc, asyncpg.UndefinedFunctionError | asyncpg.InvalidSchemaNameError) and "pgbridge" in text:
             hint = "the pgbridge schema is missing: run `pgbridge migrate` first"
         return f"{text}" + (f" ({hint})" if hint else "")
-    if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror) or "connect" in text.lower():
-        return f"cannot reach PostgreSQL: {text} (set --dsn or DATABASE_URL)"
-    return text
+    return f"cannot reach PostgreSQL: {text} (set --dsn or DATABASE_URL)"
 
 
 def _policy(settings: Settings) -> TokenPolicy:
-    key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
+    key = None
+    if settings.jwt_public_key is not None:
+        try:
+            key = settings.jwt_public_key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the JWT public key {settings.jwt_public_key}: {exc.strerror}") from None
     if key is None and not settings.jwt_secret:
         raise ConfigError(
             "no JWT secret: pass --jwt-secret or set PGBRIDGE_JWT_SECRET (for example to the output of "
@@ -132,7 +134,12 @@ def _serve(settings: Settings, banner: str | None = None) -> None:
         if banner:
             print(banner, flush=True)
 
-    web.run_app(app, host=settings.host, port=settings.port, print=ready, shutdown_timeout=5, access_log=None)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=ready, shutdown_timeout=5, access_log=None)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (choose another --port)"
+        ) from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

@@ -167,3 +167,19 @@ async def test_partitioned_tables_publish_on_the_root(db: asyncpg.Connection) ->
         ("create", '{"id": 1, "region": "eu"}\n{"id": 2, "region": "us"}'),
         ("update", '{"id": 1, "region": "us"}\n{"id": 1, "region": "eu"}'),  # moved partition: still one update
     ]
+
+
+def test_serve_says_when_it_cannot_listen_or_read_its_key(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = pgbridge("serve", "--jwt-secret", "s", "--port", str(port), "--dsn", "postgresql://x@127.0.0.1:1/x")
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}:" in done.stderr and "address already in use" in done.stderr
+    missing = tmp_path / "nope.pem"
+    done = pgbridge("serve", "--jwt-public-key", str(missing), "--dsn", "postgresql://x@127.0.0.1:1/x")
+    assert done.returncode == 2
+    assert f"cannot read the JWT public key {missing}: No such file or directory" in done.stderr
