@@ -18,10 +18,12 @@ from typing import Any, Literal
 
 import jwt
 
+from pgbridge.config import MIN_SECRET_BYTES
 from pgbridge.errors import AuthError, ConfigError
 from pgbridge.events import OPS, Op
 
 ALL_OPS: frozenset[Op] = frozenset(OPS)
+_FAR_FUTURE = 2.0**40  # seconds since 1970, about the year 36812: an exp beyond it is treated as it
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +37,11 @@ class Grant:
     tenant: Any = None
 
     def allowed(self, collection: str) -> frozenset[Op]:
-        return self.collections.get(collection) or self.collections.get("*") or frozenset()
+        """The operations allowed on ``collection``; a grant naming it (even an empty one) beats ``"*"``."""
+        found = self.collections.get(collection)
+        if found is None:
+            found = self.collections.get("*")
+        return found or frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +85,8 @@ class TokenPolicy:
             return cls(key, algorithms, audience, issuer, leeway, unscoped, tenant_claim)
         if not secret:
             raise ConfigError("no JWT secret: set PGBRIDGE_JWT_SECRET or pass --jwt-secret")
+        if len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes")
         return cls(secret, ("HS256",), audience, issuer, leeway, unscoped, tenant_claim)
 
     def verify(self, token: str | None) -> Grant:
@@ -97,17 +105,22 @@ class TokenPolicy:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("Token expired") from None
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, ValueError, OverflowError, TypeError):  # exp: 1e400 overflows inside PyJWT
             raise AuthError("Authentication failed") from None
         tenant = None
         if self.tenant_claim is not None:
             tenant = claims.get(self.tenant_claim)
             if tenant is None:
                 raise AuthError(f"Token lacks the {self.tenant_claim} claim")
+            if not isinstance(tenant, (str, int, float, bool)):
+                raise AuthError(f"Invalid {self.tenant_claim} claim: must be a string, number or boolean")
         sub = claims.get("sub")
+        exp = claims["exp"]
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise AuthError("Authentication failed")
         return Grant(
             subject=sub if isinstance(sub, str) else None,
-            expires_at=float(claims["exp"]) + self.leeway,
+            expires_at=min(float(min(exp, _FAR_FUTURE)) + self.leeway, _FAR_FUTURE),
             collections=self._collections(claims),
             tenant=tenant,
         )

@@ -1,24 +1,32 @@
-"""Reading, replaying and pruning the change log (``pgbridge.changes`` and ``pgbridge.commits``).
+"""Reading, ticking and pruning the change log (``pgbridge.changes`` and ``pgbridge.ticks``).
 
-A change's position is ``(seq, id)``: the commit sequence number of its transaction, then its
-change-log id. Positions are in commit order, the order in which NOTIFY delivers too, and they are
-the same for every bridge process, so any replica can resume any client.
+A change's position is ``(tick, id)``: the tick whose batch holds its transaction, then its change-log
+id (see ``sql/002_ticks.sql``). Ticks are durable and a batch never changes once its tick exists, so
+positions are the same for every bridge process and any replica can resume any client.
+
+Every query here is one statement, so each reads one consistent snapshot; driver errors are left to the
+caller, which treats them as the database being unavailable.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import asyncpg
 
-from pgbridge.errors import PgBridgeError
-from pgbridge.events import Change, make_change
+from pgbridge.errors import PgBridgeError, SchemaError
+from pgbridge.events import MAX_ID, Change, DecodeError, make_change
 
-# Read back at most this many change-log rows per query (each holds at most ~1 MB of rows).
-REPLAY_BATCH = 16
-_PRUNE_LOCK = 7316021946250125310
+log = logging.getLogger(__name__)
 
-_CHANGE_COLUMNS = "l.id, l.collection, l.op, pgbridge.iso(l.changed_at) AS ts, l.nrows, l.body"
+LOG_FORMAT = 2
+"""The format of the change log this bridge reads (``pgbridge.log_format()``)."""
+SCHEMA_VERSION = 2
+"""The oldest schema (``pgbridge.migrations``) that has everything this bridge uses."""
+
+PAGE = 64
+"""At most this many change-log entries per read (each holds at most 1000 rows or about 1 MB)."""
 
 
 class Pruned(PgBridgeError):
@@ -30,110 +38,183 @@ class Stats:
     notification_queue_usage: float
     changelog_transactions: int
     changelog_bytes: int
+    oldest_tick: int
+    newest_tick: int
 
 
-def _change(row: asyncpg.Record) -> Change:
-    return make_change(row["id"], row["collection"], row["op"], row["ts"], row["nrows"], row["body"])
-
-
-async def latest_seq(conn: asyncpg.Connection) -> int:
-    """The commit sequence number of the newest transaction in the log (0 when there is none)."""
-    return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM pgbridge.commits"))
-
-
-async def seq_of(conn: asyncpg.Connection, change_id: int) -> int | None:
-    """The commit sequence number of change ``change_id``, or None when it is not (or no longer) logged."""
-    seq: int | None = await conn.fetchval(
-        "SELECT c.seq FROM pgbridge.changes l JOIN pgbridge.commits c ON c.xid = l.xid WHERE l.id = $1",
-        change_id,
-    )
-    return seq
-
-
-async def fetch_change(conn: asyncpg.Connection, change_id: int) -> tuple[int, Change] | None:
-    """Read one committed change back with its commit sequence number; None when it is not in the log."""
+async def check_schema(conn: asyncpg.Connection) -> None:
+    """Refuse, saying what to do, when the database's pgbridge schema is not one this bridge reads."""
     row = await conn.fetchrow(
-        f"""SELECT c.seq, {_CHANGE_COLUMNS}
-            FROM pgbridge.changes l JOIN pgbridge.commits c ON c.xid = l.xid WHERE l.id = $1""",
+        """SELECT to_regclass('pgbridge.migrations') IS NOT NULL AS installed,
+                  to_regprocedure('pgbridge.log_format()') IS NOT NULL AS versioned"""
+    )
+    if not row["installed"]:
+        raise SchemaError("the pgbridge schema is missing: run `pgbridge migrate` (or apply sql/*.sql with psql)")
+    version = await conn.fetchval("SELECT max(version) FROM pgbridge.migrations")
+    if version < SCHEMA_VERSION or not row["versioned"]:
+        raise SchemaError(
+            f"the database has pgbridge schema version {version}, older than this bridge needs "
+            f"({SCHEMA_VERSION}): run `pgbridge migrate`"
+        )
+    log_format = await conn.fetchval("SELECT pgbridge.log_format()")
+    if log_format != LOG_FORMAT:
+        raise SchemaError(
+            f"the database has pgbridge schema version {version}, whose change log (format {log_format}) "
+            f"this bridge cannot read (format {LOG_FORMAT}): upgrade pgbridge"
+        )
+
+
+async def tick(conn: asyncpg.Connection) -> int:
+    """Record a tick if transactions with changes committed since the last one; return the newest tick.
+
+    Must run outside a transaction block: the tick commits (durably) before anyone reads its batch.
+    """
+    return int(await conn.fetchval("SELECT pgbridge.tick_v2()"))
+
+
+async def newest_tick(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT max(n) FROM pgbridge.ticks"))
+
+
+# Ticks are taken in order of their cumulative number of entries, so that one read covers many small ticks
+# or part of one large tick, and sorts at most about two pages of entries: each tick's entries come from
+# the primary key in id order, bounded by the tick's id range.
+_READ = """
+SELECT w.oldest, w.last_tick, r.n, r.id, r.collection, r.op, r.ts, r.nrows, r.body
+FROM (
+    SELECT (SELECT min(n) FROM pgbridge.ticks) AS oldest,
+           (SELECT max(s.n) FROM (SELECT t.n, sum(t.changes) OVER (ORDER BY t.n) - t.changes AS before
+                                  FROM pgbridge.ticks t WHERE t.n >= $6 AND t.n <= $3
+                                  ORDER BY t.n LIMIT $5) s
+            WHERE s.before < $5) AS last_tick
+) w
+LEFT JOIN LATERAL (
+    SELECT t.n, c.id, c.collection, c.op, pgbridge.iso(c.changed_at) AS ts, c.nrows, c.body
+    FROM pgbridge.ticks t
+    JOIN pgbridge.ticks p ON p.n = t.n - 1
+    CROSS JOIN LATERAL (
+        SELECT c.id, c.collection, c.op, c.changed_at, c.nrows, c.body
+        FROM pgbridge.changes c
+        WHERE c.id BETWEEN t.min_id AND t.max_id AND (t.n > $1 OR c.id > $2)
+          AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
+          AND ($4::text IS NULL OR c.collection = $4)
+        ORDER BY c.id
+        LIMIT $5
+    ) c
+    WHERE t.n >= $1 AND t.n <= w.last_tick
+    ORDER BY t.n, c.id
+    LIMIT $5
+) r ON true
+"""
+
+
+async def read(
+    conn: asyncpg.Connection, after: tuple[int, int], upto: int, collection: str | None = None, limit: int = PAGE
+) -> tuple[list[Change], tuple[int, int]]:
+    """Up to ``limit`` changes positioned after ``after`` (a ``(tick, id)``) in ticks up to ``upto``.
+
+    Returns them in order, with how far the read got: the next read starts there. ``after`` may be
+    ``(tick, MAX_ID)``, meaning all of that tick. Raises :class:`Pruned` when retention has removed
+    changes right after ``after``.
+    """
+    tick_, change_id = after
+    first = tick_ + 1 if change_id >= MAX_ID else tick_  # the first tick with anything left to read
+    rows = await conn.fetch(_READ, tick_, change_id, upto, collection, limit, first)
+    oldest, last_tick = rows[0]["oldest"], rows[0]["last_tick"]
+    needed = tick_ if change_id >= MAX_ID else tick_ - 1  # the tick whose snapshot bounds what comes next
+    if oldest is None or oldest > needed:
+        raise Pruned(f"the change log no longer reaches back to tick {tick_}")
+    found = [r for r in rows if r["id"] is not None]
+    if len(found) == limit:
+        reached = (found[-1]["n"], found[-1]["id"])
+    elif last_tick is not None:
+        reached = (last_tick, MAX_ID)
+    else:
+        reached = after
+    changes = []
+    for r in found:
+        try:
+            changes.append(make_change(r["n"], r["id"], r["collection"], r["op"], r["ts"], r["nrows"], r["body"]))
+        except DecodeError as exc:
+            log.error("skipping a damaged change-log entry: %s", exc)
+    return changes, reached
+
+
+async def locate(conn: asyncpg.Connection, change_id: int) -> int | None:
+    """The tick of change ``change_id``; None when it is not (or no longer, or not yet) in the log."""
+    found: int | None = await conn.fetchval(
+        """SELECT t.n
+           FROM pgbridge.changes c
+           CROSS JOIN LATERAL (
+               SELECT t.n FROM pgbridge.ticks t
+               WHERE t.snap_xmax > c.xid AND pg_visible_in_snapshot(c.xid, t.snap)
+               ORDER BY t.snap_xmax, t.n LIMIT 1
+           ) t
+           WHERE c.id = $1 AND t.n > (SELECT min(n) FROM pgbridge.ticks)""",
         change_id,
     )
-    return None if row is None else (row["seq"], _change(row))
-
-
-async def read_after(
-    conn: asyncpg.Connection, seq: int, change_id: int, collection: str | None = None
-) -> list[tuple[int, Change]]:
-    """Up to :data:`REPLAY_BATCH` committed changes positioned after ``(seq, change_id)``, in order.
-
-    Raises :class:`Pruned` when transaction ``seq`` has left the log: pruning removes a prefix of
-    positions at a time, so while ``seq`` is present every later change is present too.
-    """
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        if seq > 0 and not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pgbridge.commits WHERE seq = $1)", seq):
-            raise Pruned(f"transaction {seq} is no longer in the change log")
-        rows = await conn.fetch(
-            f"""SELECT c.seq, {_CHANGE_COLUMNS}
-                FROM pgbridge.commits c JOIN pgbridge.changes l ON l.xid = c.xid
-                WHERE c.seq >= $1 AND (c.seq, l.id) > ($1, $2)
-                  AND ($3::text IS NULL OR l.collection = $3)
-                ORDER BY c.seq, l.id
-                LIMIT $4""",
-            seq,
-            change_id,
-            collection,
-            REPLAY_BATCH,
-        )
-    return [(row["seq"], _change(row)) for row in rows]
+    return found
 
 
 async def publications(conn: asyncpg.Connection) -> frozenset[str]:
-    return frozenset(r["collection"] for r in await conn.fetch("SELECT collection FROM pgbridge.publications"))
+    """The published collections (of tables that still exist)."""
+    rows = await conn.fetch(
+        "SELECT p.collection FROM pgbridge.publications p WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.relid)"
+    )
+    return frozenset(r["collection"] for r in rows)
+
+
+async def any_polled(conn: asyncpg.Connection) -> bool:
+    """Whether some table is published without wake-ups, so the bridge must poll for its changes."""
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pgbridge.publications WHERE NOT wake)"))
 
 
 async def prune(conn: asyncpg.Connection, *, max_age: float, max_transactions: int, batch: int = 500) -> int:
-    """Remove the oldest transactions beyond the retention limits, ``batch`` at a time.
+    """Remove the oldest ticks beyond the retention limits, at most ``batch`` ticks per transaction.
 
-    Each batch is its own short transaction, taken only if no other bridge is pruning (advisory
-    lock), and removes a prefix of commit positions. Returns how many transactions were removed.
+    Only one bridge prunes at a time (a lease: a row lock on ``pgbridge.leases``), and each batch is its
+    own short transaction that removes a prefix of positions: tick k's batch and everything before it
+    go, and tick k stays as the base of the next. Returns how many transactions were removed.
     """
     removed = 0
     while True:
         async with conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _PRUNE_LOCK):
+            if not await conn.fetchval("SELECT true FROM pgbridge.leases WHERE name = 'prune' FOR UPDATE SKIP LOCKED"):
                 return removed
-            deleted = await conn.fetchval(
-                """WITH keep_from AS (
-                       SELECT seq FROM pgbridge.commits ORDER BY seq DESC OFFSET $2 - 1 LIMIT 1
-                   ), oldest AS (
-                       SELECT seq, xid, committed_at FROM pgbridge.commits ORDER BY seq LIMIT $3
-                   ), doomed AS (
-                       SELECT seq, xid FROM (
-                           SELECT seq, xid, bool_and(committed_at < now() - make_interval(secs => $1)
-                                                     OR seq < coalesce((SELECT seq FROM keep_from), 0))
-                                            OVER (ORDER BY seq) AS expired
-                           FROM oldest) o
-                       WHERE expired
-                   ), gone AS (
-                       DELETE FROM pgbridge.changes WHERE xid IN (SELECT xid FROM doomed)
-                   ), done AS (
-                       DELETE FROM pgbridge.commits WHERE seq IN (SELECT seq FROM doomed) RETURNING 1
-                   )
-                   SELECT count(*) FROM done""",
+            row = await conn.fetchrow(
+                """WITH latest AS (SELECT total FROM pgbridge.ticks ORDER BY n DESC LIMIT 1),
+                        candidates AS (SELECT n, at, total FROM pgbridge.ticks ORDER BY n LIMIT $3 + 1),
+                        expired AS (
+                            SELECT c.n, c.total,
+                                   bool_and(c.at < now() - make_interval(secs => $1) OR c.total <= l.total - $2)
+                                       OVER (ORDER BY c.n) AS gone
+                            FROM candidates c, latest l)
+                   SELECT (SELECT min(n) FROM candidates) AS oldest, (SELECT min(total) FROM candidates) AS base,
+                          e.n AS k, e.total
+                   FROM expired e WHERE e.gone ORDER BY e.n DESC LIMIT 1""",
                 max_age,
                 max_transactions,
                 batch,
             )
-        if not deleted:
-            return removed
-        removed += deleted
+            if row is None or row["k"] <= row["oldest"]:
+                return removed
+            await conn.execute(
+                """DELETE FROM pgbridge.changes c
+                   USING (SELECT snap, (SELECT max(max_id) FROM pgbridge.ticks WHERE n <= $1) AS upto
+                          FROM pgbridge.ticks WHERE n = $1) t
+                   WHERE c.id <= t.upto AND pg_visible_in_snapshot(c.xid, t.snap)""",
+                row["k"],
+            )
+            await conn.execute("DELETE FROM pgbridge.ticks WHERE n < $1", row["k"])
+        removed += row["total"] - row["base"]
 
 
 async def stats(conn: asyncpg.Connection) -> Stats:
     """What an operator watches: NOTIFY queue fill (0..1) and the change log's extent."""
     row = await conn.fetchrow(
         """SELECT pg_notification_queue_usage() AS queue,
-                  coalesce(max(seq) - min(seq) + 1, 0) AS transactions,
-                  pg_total_relation_size('pgbridge.changes') AS bytes
-           FROM pgbridge.commits"""
+                  max(total) - min(total) AS transactions, min(n) AS oldest, max(n) AS newest,
+                  pg_total_relation_size('pgbridge.changes') + pg_total_relation_size('pgbridge.ticks') AS bytes
+           FROM pgbridge.ticks"""
     )
-    return Stats(row["queue"], row["transactions"], row["bytes"])
+    return Stats(row["queue"], row["transactions"], row["bytes"], row["oldest"], row["newest"])

@@ -135,7 +135,15 @@ def _serve(settings: Settings, banner: str | None = None) -> None:
             print(banner, flush=True)
 
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=ready, shutdown_timeout=5, access_log=None)
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=ready,
+            shutdown_timeout=5,
+            access_log=None,
+            keepalive_timeout=settings.handshake_timeout,
+        )
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (choose another --port)"

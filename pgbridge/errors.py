@@ -29,3 +29,11 @@ class ProtocolError(PgBridgeError):
         self.text = text
         self.action = action
         self.collection = collection
+
+
+class SchemaError(PgBridgeError):
+    """The database's pgbridge schema is missing, older or newer than this bridge can use."""
+
+
+class DatabaseUnavailable(PgBridgeError):
+    """PostgreSQL could not be reached or did not answer; the operation may be retried."""

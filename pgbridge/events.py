@@ -1,9 +1,13 @@
-"""Change events: what the triggers in ``sql/`` announce, decoded into typed values.
+"""Change events: entries of the change log (``sql/``) decoded into typed values, and their positions.
 
-A notification carries a header line (JSON) followed by the changed rows, one JSON object per line,
-exactly as PostgreSQL's ``to_jsonb`` rendered them. Rows stay raw bytes from here to the socket, so
-values such as 30-digit numerics reach clients unaltered; they are parsed only when a filter needs
+A change-log entry holds the rows one statement changed (a chunk of at most 1000), one JSON object per
+line, exactly as PostgreSQL's ``to_jsonb`` rendered them. Rows stay raw bytes from here to the socket,
+so values such as 30-digit numerics reach clients unaltered; they are parsed only when a filter needs
 them (:func:`row_values`).
+
+Every row of every change has a :data:`Position`, ``(tick, change id, row)``: the same on every bridge
+process, in commit order (see ``sql/002_ticks.sql``). Clients see it as the event id
+``"<change id>.<row>"``.
 """
 
 from __future__ import annotations
@@ -19,72 +23,70 @@ from pgbridge.errors import PgBridgeError
 
 Op = Literal["create", "update", "delete"]
 OPS: tuple[Op, ...] = ("create", "update", "delete")
+Kind = Literal["create", "update", "delete", "truncate"]
 
-_EVENT_ID = re.compile(r"(\d{1,19})\.(\d{1,9})")
+Position = tuple[int, int, int]
+"""``(tick, change id, row)``; tuples compare in delivery order."""
+
+MAX_ID = 2**63 - 1
+_EVENT_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,4})")
 
 
 class DecodeError(PgBridgeError):
-    """A payload did not have the shape the triggers write."""
+    """A change-log entry did not have the shape the triggers write."""
 
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change-log entry: some rows changed by one statement (a chunk of at most 1000)."""
+    """One change-log entry: some rows changed by one statement, or a table truncated."""
 
+    tick: int
     change_id: int
     collection: str
-    op: Op
+    kind: Kind
     timestamp: str
     rows: tuple[bytes, ...]
-    """The new rows (create, update) or the deleted rows (delete), as JSON."""
+    """The new rows (create, update) or the deleted rows (delete), as JSON; empty for a truncate."""
     olds: tuple[bytes, ...] | None
     """For an update, the row before the change, pairwise with :attr:`rows`."""
 
-    def event_id(self, index: int) -> str:
-        """The opaque id of row ``index`` of this change, as clients see it and send back in ``since``."""
-        return f"{self.change_id}.{index}"
+    @property
+    def units(self) -> int:
+        """How many positions the change spans: one per row, and one for a truncate."""
+        return len(self.rows) or 1
 
+    def position(self, row: int) -> Position:
+        return (self.tick, self.change_id, row)
 
-@dataclass(frozen=True, slots=True)
-class ChangeRef:
-    """A change whose rows were too large for a notification; read them back by ``change_id``."""
-
-    change_id: int
-    collection: str
+    def event_id(self, row: int) -> str:
+        """The opaque id of row ``row`` of this change, as clients see it and send back in ``since``."""
+        return f"{self.change_id}.{row}"
 
 
 def parse_event_id(value: object) -> tuple[int, int]:
     """Split an event id (``"<change>.<row>"``) into its parts; raise ValueError when malformed."""
     if not isinstance(value, str) or (m := _EVENT_ID.fullmatch(value)) is None:
         raise ValueError(value)
-    return int(m.group(1)), int(m.group(2))
+    change_id, row = int(m.group(1)), int(m.group(2))
+    if change_id > MAX_ID or row >= 1000:
+        raise ValueError(value)
+    return change_id, row
 
 
-def decode_notification(payload: str) -> Change | ChangeRef:
-    """Decode one ``pgbridge`` notification payload."""
-    head, _, body = payload.partition("\n")
-    try:
-        header = orjson.loads(head)
-        change_id, collection, op = header["id"], header["c"], header["op"]
-        if header.get("ref"):
-            return ChangeRef(int(change_id), collection)
-        return make_change(change_id, collection, op, header["ts"], header["n"], body)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise DecodeError(f"malformed notification {payload[:200]!r}: {exc}") from exc
-
-
-def make_change(change_id: int, collection: str, op: str, timestamp: str, nrows: int, body: str) -> Change:
+def make_change(tick: int, change_id: int, collection: str, kind: str, timestamp: str, nrows: int, body: str) -> Change:
     """Build a :class:`Change` from the columns of a ``pgbridge.changes`` row."""
-    if op not in OPS:
-        raise DecodeError(f"change {change_id}: unknown operation {op!r}")
+    if kind == "truncate":
+        return Change(tick, change_id, collection, "truncate", timestamp, (), None)
+    if kind not in OPS:
+        raise DecodeError(f"change {change_id}: unknown operation {kind!r}")
     lines = tuple(body.encode().split(b"\n"))
-    if op == "update":
+    if kind == "update":
         rows, olds = lines[0::2], lines[1::2]
     else:
         rows, olds = lines, None
     if len(rows) != nrows or (olds is not None and len(olds) != nrows):
         raise DecodeError(f"change {change_id}: expected {nrows} rows, found {len(lines)} lines")
-    return Change(int(change_id), collection, op, timestamp, rows, olds)
+    return Change(tick, change_id, collection, kind, timestamp, rows, olds)
 
 
 def row_values(raw: bytes) -> dict[str, Any]:

@@ -9,12 +9,15 @@ both without) compare as points in time; other strings compare by code point. Va
 types are never equal and never ordered. ``null`` equals only ``null``; ``neq`` is "is distinct from",
 so a null column matches ``{"neq": 5}``; ordering operators never match null. A condition on a
 column the published row does not have never matches, so hidden columns cannot be probed.
+
+So that routing costs what the matches cost, a filter names the condition the router can look it up
+by (:attr:`RowFilter.index`): the values of an equality or ``in``, else a numeric bound.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -27,7 +30,7 @@ OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 MAX_CONDITIONS = 32
 MAX_IN_VALUES = 100
 
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?", re.ASCII)
 _MISSING = object()
 
 Predicate = Callable[[Any], bool]
@@ -44,6 +47,25 @@ def _timestamp(value: object) -> datetime | None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def value_key(value: Any) -> Hashable:
+    """A key under which values that a filter's equality holds equal are equal, and no others.
+
+    Lists and objects get a key of their own that no filter value has: equality never holds for them.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    if isinstance(value, str):
+        when = _timestamp(value)
+        if when is not None:
+            return ("t", when.tzinfo is not None, when)
+        return ("s", value)
+    return ("x", id(value))
 
 
 class _Operand:
@@ -81,7 +103,29 @@ def _scalar(value: object) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def _predicate(column: str, op: str, operand: Any) -> Predicate:
+@dataclass(frozen=True, slots=True)
+class Equality:
+    """The filter holds only for rows whose ``column`` has one of these :func:`value_key` keys."""
+
+    column: str
+    keys: frozenset[Hashable]
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The filter holds only for rows whose ``column`` is a number beyond ``value`` on one side."""
+
+    column: str
+    value: float
+    lower: bool
+    """True for ``gt``/``gte`` (the row's value is above), False for ``lt``/``lte``."""
+    inclusive: bool
+
+
+Index = Equality | Bound | None
+
+
+def _predicate(column: str, op: str, operand: Any) -> tuple[Predicate, Index]:
     def bad(expected: str) -> ProtocolError:
         return ProtocolError(f"Invalid filter: {column}.{op} expects {expected}")
 
@@ -89,24 +133,27 @@ def _predicate(column: str, op: str, operand: Any) -> Predicate:
         if not _scalar(operand):
             raise bad("a string, number, boolean or null")
         o = _Operand(operand)
-        return o.equals if op == "eq" else (lambda v: not o.equals(v))
+        if op == "eq":
+            return o.equals, Equality(column, frozenset((value_key(operand),)))
+        return (lambda v: not o.equals(v)), None
     if op == "in":
         if not isinstance(operand, list) or not operand or len(operand) > MAX_IN_VALUES:
             raise bad(f"a list of 1 to {MAX_IN_VALUES} values")
         if not all(_scalar(x) for x in operand):
             raise bad("a list of strings, numbers, booleans or nulls")
         options = [_Operand(x) for x in operand]
-        return lambda v: any(o.equals(v) for o in options)
+        return (lambda v: any(o.equals(v) for o in options)), Equality(column, frozenset(map(value_key, operand)))
     if operand is None or not _scalar(operand):
         raise bad("a string, number or boolean")
     o = _Operand(operand)
+    bound = Bound(column, operand, op in ("gt", "gte"), op in ("gte", "lte")) if _is_number(operand) else None
     if op == "lt":
-        return lambda v: (c := o.compare(v)) is not None and c < 0
+        return (lambda v: (c := o.compare(v)) is not None and c < 0), bound
     if op == "lte":
-        return lambda v: (c := o.compare(v)) is not None and c <= 0
+        return (lambda v: (c := o.compare(v)) is not None and c <= 0), bound
     if op == "gt":
-        return lambda v: (c := o.compare(v)) is not None and c > 0
-    return lambda v: (c := o.compare(v)) is not None and c >= 0
+        return (lambda v: (c := o.compare(v)) is not None and c > 0), bound
+    return (lambda v: (c := o.compare(v)) is not None and c >= 0), bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +162,10 @@ class RowFilter:
 
     key: bytes
     conditions: tuple[tuple[str, Predicate], ...]
+    index: Index = None
+    """The condition to look this filter up by: equalities narrow best, then numeric bounds."""
+    cost: int = 0
+    """What evaluating the filter can cost: its conditions, counting each ``in`` value as one."""
 
     def matches(self, row: Mapping[str, Any]) -> bool:
         for column, predicate in self.conditions:
@@ -134,6 +185,8 @@ def compile_filter(spec: object) -> RowFilter:
     if not isinstance(spec, dict):
         raise ProtocolError("Invalid filter: must be an object mapping column names to conditions")
     conditions: list[tuple[str, Predicate]] = []
+    indexes: list[Index] = []
+    cost = 0
     for column, condition in spec.items():
         if not column:
             raise ProtocolError("Invalid filter: column names must be non-empty strings")
@@ -145,13 +198,22 @@ def compile_filter(spec: object) -> RowFilter:
                     raise ProtocolError(
                         f"Invalid filter: unknown operator {op!r} on {column} (use one of {', '.join(OPERATORS)})"
                     )
-                conditions.append((column, _predicate(column, op, operand)))
+                predicate, index = _predicate(column, op, operand)
+                conditions.append((column, predicate))
+                indexes.append(index)
+                cost += len(operand) if op == "in" else 1
         elif _scalar(condition):
-            conditions.append((column, _predicate(column, "eq", condition)))
+            predicate, index = _predicate(column, "eq", condition)
+            conditions.append((column, predicate))
+            indexes.append(index)
+            cost += 1
         else:
             raise ProtocolError(f"Invalid filter: {column} must be a value or an object of operators")
     if len(conditions) > MAX_CONDITIONS:
         raise ProtocolError(f"Invalid filter: at most {MAX_CONDITIONS} conditions")
     if not conditions:
         return MATCH_ALL
-    return RowFilter(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS), tuple(conditions))
+    equalities = [i for i in indexes if isinstance(i, Equality)]
+    bounds = [i for i in indexes if isinstance(i, Bound)]
+    best: Index = min(equalities, key=lambda e: len(e.keys)) if equalities else (bounds[0] if bounds else None)
+    return RowFilter(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS), tuple(conditions), best, cost)

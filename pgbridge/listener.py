@@ -1,10 +1,11 @@
-"""The listener: one dedicated PostgreSQL connection that LISTENs, and recovers what it missed.
+"""The listener: one dedicated PostgreSQL connection that turns committed changes into routed rows.
 
-It delivers every committed change exactly once and in commit order, across lost connections:
-after reconnecting it LISTENs first, then replays from the change log everything positioned after
-the last change it delivered, then continues with the notifications, skipping those the replay
-already covered. Notifications are queued by the connection's callback and handled by one task, so
-the connection keeps being read while a large change is fetched or clients are slow.
+It never trusts a notification: any role may ``NOTIFY pgbridge``, so a notification only wakes it up.
+Woken (or every poll interval), it records a tick (``pgbridge.tick_v2``), reads the new ticks' changes
+from the change log in position order, and routes them row by row. Its position is durable (ticks are),
+so after a lost connection it reconnects and continues from the row after the last one it routed:
+every committed change is routed once, in order, whatever happened to the connection. The tick query
+doubles as the liveness probe, with a timeout, so a connection that stops answering is replaced.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
 from pgbridge import changelog
-from pgbridge.events import Change, DecodeError, decode_notification
+from pgbridge.errors import SchemaError
+from pgbridge.events import MAX_ID, Change, Position
+from pgbridge.history import History
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "pgbridge"
 PUBLICATIONS_CHANNEL = "pgbridge_publications"
-_LAST = 2**63 - 1  # a change id after every real one
+WAKE_PAYLOAD = str(changelog.LOG_FORMAT)
+_YIELD_EVERY = 0.005  # seconds of routing between two yields to the event loop
 
 
 class ConnectionLost(Exception):
@@ -37,35 +40,52 @@ class ConnectionLost(Exception):
 class ListenerSettings:
     dsn: str | None
     probe_interval: float = 5.0
+    """Seconds between ticks when nothing wakes the listener; each tick is also a liveness probe."""
     probe_timeout: float = 5.0
+    """Bounds every query on the connection, so that a dead connection is noticed."""
+    poll_interval: float = 0.01
+    """Seconds between ticks while some table is published without wake-ups."""
     connect_timeout: float = 10.0
-    query_timeout: float = 30.0
-    """Bounds every query on the connection, so that reconnecting cannot hang on a dead one."""
     backoff_max: float = 10.0
-    verify: bool = False
-    """Read every change back from the log instead of trusting notification payloads."""
 
 
 class Listener:
-    """Feeds every committed change to ``on_change``, and the set of published collections to
-    ``on_publications``, for as long as :meth:`run` runs."""
+    """Routes every committed change through ``route(change, row)`` for as long as :meth:`run` runs.
+
+    ``on_publications`` receives the set of published collections whenever it changes, ``on_gap`` is
+    called when changes were lost to retention before they could be routed (every live subscriber must
+    resync), and ``history`` receives each change before its rows are routed.
+    """
 
     def __init__(
         self,
         settings: ListenerSettings,
-        on_change: Callable[[Change], None],
+        route: Callable[[Change, int], None],
         on_publications: Callable[[frozenset[str]], None],
+        history: History,
+        on_gap: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
-        self._on_change = on_change
+        self._route = route
         self._on_publications = on_publications
-        self._lock = asyncio.Lock()  # one query at a time on the connection
-        # The last change delivered: (seq, id); seq is None until looked up, id is _LAST before any.
-        self._position: tuple[int | None, int] | None = None
+        self._on_gap = on_gap
+        self.history = history
+        self._after: tuple[int, int] | None = None  # the change log is read after this (tick, id)
+        self.head: Position = (0, 0, 0)
+        """The last row routed; ``(tick, MAX_ID, 0)`` once all of ``tick`` is."""
+        self._advanced = asyncio.Event()
         self.connected = False
         self.problem: str | None = "not connected yet"
         self.delivered = 0
+        self.reconnects = 0
+        self.ticks_read = 0
+        self.newest_tick = 0
         self._failures = 0
+        self._ignored_at = 0.0
+
+    async def advanced(self) -> None:
+        """Wait until :attr:`head` moves."""
+        await self._advanced.wait()
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with capped, jittered backoff."""
@@ -83,6 +103,7 @@ class Listener:
                 if self.problem != last_logged[0] or now - last_logged[1] > 60:
                     log.warning("database connection unavailable: %s; reconnecting", self.problem)
                     last_logged = (self.problem, now)
+            self.reconnects += 1
             delay = random.uniform(0, min(self._settings.backoff_max, 0.1 * 2 ** min(self._failures, 10)))
             await asyncio.sleep(delay)
 
@@ -91,132 +112,128 @@ class Listener:
         conn: asyncpg.Connection = await asyncpg.connect(
             s.dsn,
             timeout=s.connect_timeout,
-            command_timeout=s.query_timeout,
-            server_settings={"application_name": "pgbridge-listener"},
+            command_timeout=s.probe_timeout,
+            server_settings={
+                "application_name": "pgbridge-listener",
+                # A tick must commit durably before its batch is routed, and see every commit before it.
+                "synchronous_commit": "on",
+                "default_transaction_isolation": "read committed",
+            },
         )
         lost = asyncio.Event()
-        conn.add_termination_listener(lambda _c: lost.set())
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        wake = asyncio.Event()
+        republish = asyncio.Event()
+
+        def on_lost(_c: object) -> None:
+            lost.set()
+            wake.set()
+
+        conn.add_termination_listener(on_lost)
+
+        def on_wake(_c: object, _pid: int, _channel: str, payload: str) -> None:
+            if payload != WAKE_PAYLOAD:
+                self._ignored(payload)
+            wake.set()
+
+        def on_publication(_c: object, _pid: int, _channel: str, _payload: str) -> None:
+            republish.set()
+            wake.set()
+
         try:
-            if self._position is None:
-                # Everything committed after this point is delivered: read it before LISTEN so that
-                # commits in between are replayed by the catch-up below.
-                self._position = (await changelog.latest_seq(conn), _LAST)
-
-            def enqueue(_c: object, _pid: int, channel: str, payload: str) -> None:
-                queue.put_nowait((channel, payload))
-
-            await conn.add_listener(CHANNEL, enqueue)
-            await conn.add_listener(PUBLICATIONS_CHANNEL, enqueue)
-            self._on_publications(await changelog.publications(conn))
-            replayed = await self._catch_up(conn)
-            log.info("listening for changes (%d replayed after connecting)", len(replayed))
+            await changelog.check_schema(conn)
+            await conn.add_listener(CHANNEL, on_wake)
+            await conn.add_listener(PUBLICATIONS_CHANNEL, on_publication)
+            interval = await self._publications(conn)
+            if self._after is None:
+                # Start from now: what committed before is for clients that ask with `since`.
+                newest = await changelog.newest_tick(conn)
+                self._after = (newest, MAX_ID)
+                self.head = (newest, MAX_ID, 0)
+                self.history.reset(self._after)
             self.connected, self.problem, self._failures = True, None, 0
-            await _first_failure(self._dispatch(conn, queue, replayed), self._probe(conn), _wait_lost(lost))
+            log.info("reading changes from tick %d", self._after[0])
+            while not lost.is_set():
+                wake.clear()
+                if republish.is_set():
+                    republish.clear()
+                    interval = await self._publications(conn)
+                await self._deliver(conn, await changelog.tick(conn))
+                try:
+                    async with asyncio.timeout(interval):
+                        await wake.wait()
+                except TimeoutError:
+                    pass
+            raise ConnectionLost("the server closed the connection")
+        except TimeoutError:
+            raise ConnectionLost(f"no answer from the database within {s.probe_timeout:g}s") from None
         finally:
             self.connected = False
             conn.terminate()
 
-    async def _catch_up(self, conn: asyncpg.Connection) -> set[int]:
-        assert self._position is not None
-        seq, change_id = self._position
-        if seq is None:
-            seq = await changelog.seq_of(conn, change_id)
-            if seq is None:
-                log.error("change %d left the change log before the bridge reconnected: raise retention", change_id)
-                seq, change_id = await changelog.latest_seq(conn), _LAST
-        replayed: set[int] = set()
-        while True:
+    async def _publications(self, conn: asyncpg.Connection) -> float:
+        self._on_publications(await changelog.publications(conn))
+        return self._settings.poll_interval if await changelog.any_polled(conn) else self._settings.probe_interval
+
+    async def _deliver(self, conn: asyncpg.Connection, newest: int) -> None:
+        """Route every change up to tick ``newest``, page by page."""
+        assert self._after is not None
+        self.newest_tick = newest
+        loop = asyncio.get_running_loop()
+        while self._after < (newest, MAX_ID):
             try:
-                batch = await changelog.read_after(conn, seq, change_id)
+                changes, reached = await changelog.read(conn, self._after, newest)
             except changelog.Pruned:
-                log.error("changes after transaction %d were pruned before delivery: raise retention", seq)
-                seq, change_id = await changelog.latest_seq(conn), _LAST
-                continue
-            for seq, change in batch:
-                change_id = change.change_id
-                self._deliver(change, seq)
-                replayed.add(change_id)
-            if len(batch) < changelog.REPLAY_BATCH:
-                return replayed
+                log.error(
+                    "changes after tick %d left the change log before they were routed: raise the retention; "
+                    "every client is asked to resync",
+                    self._after[0],
+                )
+                self._after = (newest, MAX_ID)
+                self.head = (newest, MAX_ID, 0)
+                self.history.reset(self._after)
+                self._on_gap()
+                break
+            yielded = loop.time()
+            for change in changes:
+                self.history.append(change)
+                for row in range(change.units):
+                    self._route(change, row)
+                    self.head = change.position(row)
+                    self.delivered += 1
+                    if loop.time() - yielded > _YIELD_EVERY:
+                        self._signal()
+                        await asyncio.sleep(0)
+                        yielded = loop.time()
+            if reached == self._after:
+                break
+            self._after = reached
+            if reached[1] == MAX_ID:
+                self.head = (reached[0], MAX_ID, 0)
+                self.ticks_read = reached[0]
+            self._signal()
 
-    async def _dispatch(
-        self, conn: asyncpg.Connection, queue: asyncio.Queue[tuple[str, str]], replayed: set[int]
-    ) -> None:
-        while True:
-            channel, payload = await queue.get()
-            if channel == PUBLICATIONS_CHANNEL:
-                async with self._lock:
-                    self._on_publications(await changelog.publications(conn))
-                continue
-            try:
-                item = decode_notification(payload)
-            except DecodeError:
-                log.exception("ignoring a notification that pgbridge's triggers did not write")
-                continue
-            if replayed:
-                # The replay covered every commit up to its snapshot; notifications arrive in commit
-                # order, so the first one it did not cover ends the overlap.
-                if item.change_id in replayed:
-                    continue
-                replayed.clear()
-            if not self._settings.verify and isinstance(item, Change):
-                self._deliver(item, None)
-                continue
-            async with self._lock:
-                found = await changelog.fetch_change(conn, item.change_id)
-            if found is None:
-                log.warning("ignoring a notification of change %d, which is not in the change log", item.change_id)
-            elif self._settings.verify and not self._after_position(found[0], item.change_id):
-                log.warning("ignoring a repeated notification of change %d", item.change_id)
-            else:
-                self._deliver(found[1], found[0])
+    def _signal(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
 
-    def _after_position(self, seq: int, change_id: int) -> bool:
-        assert self._position is not None
-        last_seq, last_id = self._position
-        return last_seq is None or (seq, change_id) > (last_seq, last_id)
-
-    def _deliver(self, change: Change, seq: int | None) -> None:
-        self._position = (seq, change.change_id)
-        self.delivered += 1
-        try:
-            self._on_change(change)
-        except Exception:
-            log.exception("routing change %d failed", change.change_id)
-
-    async def _probe(self, conn: asyncpg.Connection) -> None:
-        """Catch a connection that looks open but no longer answers (a half-open TCP connection)."""
-        s = self._settings
-        while True:
-            await asyncio.sleep(s.probe_interval)
-            async with self._lock:
-                try:
-                    await conn.fetchval("SELECT 1", timeout=s.probe_timeout)
-                except TimeoutError:
-                    raise ConnectionLost(f"no answer to a liveness probe within {s.probe_timeout:g}s") from None
-
-
-async def _wait_lost(lost: asyncio.Event) -> None:
-    await lost.wait()
-    raise ConnectionLost("the server closed the connection")
-
-
-async def _first_failure(*aws: Coroutine[Any, Any, None]) -> None:
-    """Run coroutines together until one fails; cancel and await the others, then re-raise."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    def _ignored(self, payload: str) -> None:
+        now = time.monotonic()
+        if now - self._ignored_at > 60:
+            self._ignored_at = now
+            log.warning(
+                "a notification on channel %s that pgbridge's triggers did not send (payload %r); "
+                "notifications only wake the bridge up, so it changes nothing (reported once a minute)",
+                CHANNEL,
+                payload[:100],
+            )
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError):
-        return f"{exc} (the pgbridge schema is missing: run `pgbridge migrate`)"
+    if isinstance(exc, SchemaError):
+        return str(exc)
+    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError | asyncpg.UndefinedFunctionError):
+        return f"{exc} (the pgbridge schema is missing or old: run `pgbridge migrate`)"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return f"{exc} (the bridge's role needs the grants in the README's Security section)"
     text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -105,16 +105,23 @@ def _dumps(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
+# Confirmations carry "status" (what SnackBase documents) and "type" (what its server and SDK use).
 def subscribed(collection: str) -> bytes:
-    return _dumps({"status": "subscribed", "collection": collection})
+    return _dumps({"status": "subscribed", "type": "subscribed", "collection": collection})
 
 
 def unsubscribed(collection: str) -> bytes:
-    return _dumps({"status": "unsubscribed", "collection": collection})
+    return _dumps({"status": "unsubscribed", "type": "unsubscribed", "collection": collection})
 
 
-def resync_required(collection: str) -> bytes:
-    return _dumps({"type": "resync_required", "collection": collection})
+def resync_required(collection: str, event_id: str | None = None) -> bytes:
+    """The client's view of ``collection`` cannot be brought up to date by events: it must reload.
+
+    ``event_id`` is set when the cause is an event (a TRUNCATE), so that ``since`` can resume after it.
+    """
+    if event_id is None:
+        return _dumps({"type": "resync_required", "collection": collection})
+    return _dumps({"type": "resync_required", "collection": collection, "id": event_id})
 
 
 def pong() -> bytes:

@@ -1,41 +1,58 @@
 """Routing: which subscriptions receive which rows of a change. No I/O.
 
-Subscriptions of one collection that share a filter and a tenant form a group; a row is checked
-once per group, and each distinct message is encoded once per row, then the same bytes go to every
-subscriber that wants that operation.
+Subscriptions of one collection that share a tenant, a filter and operations form a group. A row is
+checked once per group, and each distinct message is encoded once per row, as a complete WebSocket
+frame; the same bytes then go to every subscriber of every group that wants it. Groups are found
+through an index, so a row costs what its matches cost, not what the number of subscriptions costs:
+by tenant, then by the value of a filter's equality (or ``in``), then by a filter's numeric bound;
+only groups with no such condition are checked for every row.
 
-With tenant isolation, a subscription only sees rows whose tenant column equals its token's tenant.
-An update that moves a row between tenants reaches the old tenant as a ``delete`` of the old row and
-the new tenant as a ``create`` of the new row: neither sees the other's version of the row.
+With tenant isolation, a subscription only sees rows whose tenant column equals its token's tenant,
+by exact JSON equality (``42`` is not ``"42"``, and two spellings of one instant are two tenants). An
+update that moves a row between tenants reaches the old tenant as a ``delete`` of the old row and the
+new tenant as a ``create`` of the new row: neither sees the other's version of the row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import itertools
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
-from pgbridge import protocol
-from pgbridge.events import Change, Op, row_values
-from pgbridge.filters import RowFilter, compile_filter
+from pgbridge import frames, protocol
+from pgbridge.events import Change, Kind, Op, row_values
+from pgbridge.filters import Bound, Equality, RowFilter, value_key
+
+_MISSING = object()
+_counter = itertools.count()
 
 
 class Sink(Protocol):
-    """Where a subscription's messages go: a client connection's outbound queue."""
+    """Where a subscription's frames go: a client connection."""
 
     closing: bool
     """True once the sink is being closed; nothing more will be sent."""
 
-    def send(self, data: bytes) -> None:
-        """Queue ``data`` without waiting; a sink that is full closes itself as a slow consumer."""
+    def offer(self, frame: bytes) -> bool:
+        """Queue ``frame`` if there is room for it; False when the client is too far behind."""
 
-    def overflow(self) -> None:
-        """Close the sink as a slow consumer."""
+
+def tenant_key(value: Any) -> Hashable:
+    """The tenant a row or token value names, by exact JSON equality; None for no tenant at all."""
+    if value is None or isinstance(value, (list, dict)):
+        return None
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", value)
+    return ("s", value)
 
 
 class Subscription:
     """One connection's interest in one collection."""
 
-    __slots__ = ("_held", "_held_bytes", "_hold_limit", "collection", "filter", "operations", "sink", "tenant")
+    __slots__ = ("collection", "filter", "live", "operations", "sink", "tenant")
 
     def __init__(
         self,
@@ -43,171 +60,283 @@ class Subscription:
         collection: str,
         operations: frozenset[Op],
         filter: RowFilter,
-        tenant: RowFilter | None = None,
+        tenant: Hashable = None,
     ) -> None:
         self.sink = sink
         self.collection = collection
         self.operations = operations
         self.filter = filter
         self.tenant = tenant
-        self._held: list[tuple[int, bytes]] | None = None
-        self._held_bytes = 0
-        self._hold_limit = 0
-
-    def deliver(self, change_id: int, data: bytes) -> None:
-        if self._held is None:
-            self.sink.send(data)
-            return
-        self._held.append((change_id, data))
-        self._held_bytes += len(data)
-        if self._held_bytes > self._hold_limit:
-            self._held.clear()
-            self.sink.overflow()
-
-    def hold(self, limit: int) -> None:
-        """Keep live messages back (up to ``limit`` bytes) while a replay for this subscription runs."""
-        self._held, self._held_bytes, self._hold_limit = [], 0, limit
-
-    def release(self, replayed: Callable[[int], bool]) -> None:
-        """Send the held messages, except those of changes the replay already sent."""
-        held, self._held = self._held or [], None
-        for change_id, data in held:
-            if not replayed(change_id):
-                self.sink.send(data)
+        """The token's :func:`tenant_key` under tenant isolation, else None."""
+        self.live = False
+        """Whether the router delivers to it; False while it catches up from the change log."""
 
 
 class _Group:
-    __slots__ = ("filter", "members", "tenant")
+    __slots__ = ("filter", "members", "operations", "seq", "tenant")
 
-    def __init__(self, filter: RowFilter, tenant: RowFilter | None) -> None:
+    def __init__(self, filter: RowFilter, tenant: Hashable, operations: frozenset[Op]) -> None:
         self.filter = filter
         self.tenant = tenant
+        self.operations = operations
         self.members: dict[Subscription, None] = {}
+        self.seq = next(_counter)  # orders groups with equal bounds
 
 
-def tenant_filter(column: str, tenant: Any) -> RowFilter:
-    """The condition tenant isolation adds: ``column`` equals the token's tenant."""
-    return compile_filter({column: {"eq": tenant}})
+class _Bucket:
+    """The groups of one collection and one tenant, indexed by their filters."""
+
+    __slots__ = ("equal", "groups", "lower", "scan", "upper")
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[bytes, frozenset[Op]], _Group] = {}
+        self.equal: dict[str, dict[Hashable, dict[_Group, None]]] = {}
+        self.lower: dict[str, list[tuple[float, int, _Group]]] = {}  # gt/gte, by bound
+        self.upper: dict[str, list[tuple[float, int, _Group]]] = {}  # lt/lte, by bound
+        self.scan: dict[_Group, None] = {}
+
+    def index(self, group: _Group) -> None:
+        i = group.filter.index
+        if isinstance(i, Equality):
+            by_value = self.equal.setdefault(i.column, {})
+            for key in i.keys:
+                by_value.setdefault(key, {})[group] = None
+        elif isinstance(i, Bound):
+            bisect.insort((self.lower if i.lower else self.upper).setdefault(i.column, []), (i.value, group.seq, group))
+        else:
+            self.scan[group] = None
+
+    def unindex(self, group: _Group) -> None:
+        i = group.filter.index
+        if isinstance(i, Equality):
+            by_value = self.equal[i.column]
+            for key in i.keys:
+                del by_value[key][group]
+                if not by_value[key]:
+                    del by_value[key]
+            if not by_value:
+                del self.equal[i.column]
+        elif isinstance(i, Bound):
+            side = self.lower if i.lower else self.upper
+            side[i.column].remove((i.value, group.seq, group))
+            if not side[i.column]:
+                del side[i.column]
+        else:
+            del self.scan[group]
+
+    def candidates(self, rows: Iterable[dict[str, Any]]) -> Iterable[_Group]:
+        """The groups whose filter can hold for one of ``rows`` (the new row, and an update's old row)."""
+        if not self.equal and not self.lower and not self.upper:
+            return self.scan
+        found: dict[_Group, None] = dict(self.scan)
+        for row in rows:
+            for column, by_value in self.equal.items():
+                value = row.get(column, _MISSING)
+                if value is not _MISSING and (hit := by_value.get(value_key(value))):
+                    found.update(hit)
+            for column, bounds in self.lower.items():
+                value = row.get(column)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # every bound at or below the value; an exclusive one at the value is checked anyway
+                    found.update((g, None) for _, _, g in bounds[: bisect.bisect_right(bounds, (value, _INF))])
+            for column, bounds in self.upper.items():
+                value = row.get(column)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    found.update((g, None) for _, _, g in bounds[bisect.bisect_left(bounds, (value, -1)) :])
+        return found
+
+
+_INF = float("inf")
 
 
 class Router:
-    """Subscriptions by collection, and the fan-out of changes to them."""
+    """Live subscriptions by collection, and the fan-out of changes to them.
 
-    def __init__(self) -> None:
-        self._groups: dict[str, dict[tuple[bytes, bytes], _Group]] = {}
+    ``on_behind(sub, change, row)`` is called for a subscription whose sink had no room for row
+    ``row`` of ``change``: the router has stopped delivering to it, and it must be fed from the change
+    log starting with that row.
+    """
+
+    def __init__(
+        self,
+        tenant_column: str | None = None,
+        on_behind: Callable[[Subscription, Change, int], None] | None = None,
+    ) -> None:
+        self.tenant_column = tenant_column
+        self._on_behind = on_behind
+        self._collections: dict[str, dict[Hashable, _Bucket]] = {}
+        self._filtered: dict[str, int] = {}  # groups per collection that need the row parsed
         self._by_sink: dict[Sink, dict[str, Subscription]] = {}
 
     def subscriptions(self, sink: Sink) -> dict[str, Subscription]:
         return self._by_sink.get(sink, {})
 
-    def add(self, sub: Subscription) -> None:
+    def add(self, sub: Subscription, *, live: bool = True) -> None:
         """Register ``sub``, replacing the sink's earlier subscription to the same collection."""
         self.remove(sub.sink, sub.collection)
-        key = (sub.filter.key, sub.tenant.key if sub.tenant else b"")
-        groups = self._groups.setdefault(sub.collection, {})
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = _Group(sub.filter, sub.tenant)
-        group.members[sub] = None
         self._by_sink.setdefault(sub.sink, {})[sub.collection] = sub
+        if live:
+            self.attach(sub)
 
-    def remove(self, sink: Sink, collection: str) -> bool:
+    def remove(self, sink: Sink, collection: str) -> Subscription | None:
         subs = self._by_sink.get(sink)
         sub = subs.pop(collection, None) if subs else None
         if sub is None:
-            return False
+            return None
         if not subs:
             del self._by_sink[sink]
-        groups = self._groups[collection]
-        key = (sub.filter.key, sub.tenant.key if sub.tenant else b"")
-        members = groups[key].members
-        del members[sub]
-        if not members:
-            del groups[key]
-            if not groups:
-                del self._groups[collection]
-        return True
+        self.detach(sub)
+        return sub
 
     def drop(self, sink: Sink) -> None:
         """Forget every subscription of ``sink``."""
         for collection in list(self._by_sink.get(sink, ())):
             self.remove(sink, collection)
 
-    def route(self, change: Change) -> None:
-        """Deliver every row of ``change`` to the subscriptions it matches."""
-        groups = self._groups.get(change.collection)
-        if groups:
-            _fan_out(change, list(groups.values()))
+    def attach(self, sub: Subscription) -> None:
+        """Deliver live to ``sub`` from the next row routed on."""
+        if sub.live:
+            return
+        sub.live = True
+        buckets = self._collections.setdefault(sub.collection, {})
+        bucket = buckets.get(sub.tenant)
+        if bucket is None:
+            bucket = buckets[sub.tenant] = _Bucket()
+        key = (sub.filter.key, sub.operations)
+        group = bucket.groups.get(key)
+        if group is None:
+            group = bucket.groups[key] = _Group(sub.filter, sub.tenant, sub.operations)
+            bucket.index(group)
+            if sub.filter.conditions:
+                self._filtered[sub.collection] = self._filtered.get(sub.collection, 0) + 1
+        group.members[sub] = None
+
+    def detach(self, sub: Subscription) -> None:
+        """Stop delivering live to ``sub``."""
+        if not sub.live:
+            return
+        sub.live = False
+        buckets = self._collections[sub.collection]
+        bucket = buckets[sub.tenant]
+        key = (sub.filter.key, sub.operations)
+        group = bucket.groups[key]
+        del group.members[sub]
+        if group.members:
+            return
+        del bucket.groups[key]
+        bucket.unindex(group)
+        if sub.filter.conditions:
+            self._filtered[sub.collection] -= 1
+        if not bucket.groups:
+            del buckets[sub.tenant]
+            if not buckets:
+                del self._collections[sub.collection]
+                self._filtered.pop(sub.collection, None)
+
+    def route(self, change: Change, index: int) -> None:
+        """Deliver row ``index`` of ``change`` (or the truncate ``change``) to the live subscriptions."""
+        buckets = self._collections.get(change.collection)
+        if not buckets:
+            return
+        behind: list[Subscription] = []
+        if change.kind == "truncate":
+            frame = frames.text_frame(protocol.resync_required(change.collection, change.event_id(0)))
+            for bucket in buckets.values():
+                for group in bucket.groups.values():
+                    _offer(group, frame, behind)
+        else:
+            row = _Row(change, index, self.tenant_column, parse=self.tenant_column is not None
+                       or self._filtered.get(change.collection, 0) > 0)  # fmt: skip
+            for tenant in row.tenants():
+                found = buckets.get(tenant)
+                if found is None:
+                    continue
+                for group in found.candidates(row.values()) if row.parsed else found.groups.values():
+                    kind = row.verdict(group.filter, group.tenant)
+                    if kind is not None and kind in group.operations:
+                        _offer(group, row.frame(kind), behind)
+        for sub in behind:
+            self.detach(sub)
+            if self._on_behind is not None:
+                self._on_behind(sub, change, index)
+
+    def frame_for(self, sub: Subscription, change: Change, index: int) -> bytes | None:
+        """The frame ``sub`` gets for row ``index`` of ``change``, if any: how a catch-up sends."""
+        if change.kind == "truncate":
+            return frames.text_frame(protocol.resync_required(change.collection, change.event_id(0)))
+        row = _Row(
+            change, index, self.tenant_column, parse=self.tenant_column is not None or bool(sub.filter.conditions)
+        )
+        kind = row.verdict(sub.filter, sub.tenant)
+        return row.frame(kind) if kind is not None and kind in sub.operations else None
 
 
-def direct(sub: Subscription) -> Callable[[Change, int], None]:
-    """Deliver changes, from row ``start`` on, to ``sub``'s sink alone, past any hold: how a replay sends."""
-    group = _Group(sub.filter, sub.tenant)
-    group.members[Subscription(sub.sink, sub.collection, sub.operations, sub.filter, sub.tenant)] = None
-    return lambda change, start: _fan_out(change, [group], start)
-
-
-def _fan_out(change: Change, groups: list[_Group], start: int = 0) -> None:
-    parse = any(g.filter.conditions or g.tenant is not None for g in groups)
-    for index in range(start, len(change.rows)):
-        raw = change.rows[index]
-        old = change.olds[index] if change.olds is not None else None
-        row = _Row(change, index, raw, old, parse)
-        for g in groups:
-            verdict = row.verdict(g.filter, g.tenant)
-            if verdict is None:
-                continue
-            data: bytes | None = None
-            for sub in g.members:
-                if verdict in sub.operations:
-                    if data is None:
-                        data = row.encode(verdict)
-                    sub.deliver(change.change_id, data)
+def _offer(group: _Group, frame: bytes, behind: list[Subscription]) -> None:
+    for sub in group.members:
+        if not sub.sink.offer(frame):
+            behind.append(sub)
 
 
 class _Row:
     """One changed row while it is routed: parsed at most once, each message encoded at most once."""
 
-    __slots__ = ("_encoded", "change", "index", "new_values", "old", "old_values", "raw")
+    __slots__ = ("_frames", "change", "index", "new", "old", "old_raw", "parsed", "raw", "tenant_column")
 
-    def __init__(self, change: Change, index: int, raw: bytes, old: bytes | None, parse: bool) -> None:
-        self.change, self.index, self.raw, self.old = change, index, raw, old
-        self.new_values = row_values(raw) if parse else None
-        self.old_values = row_values(old) if parse and old is not None else None
-        self._encoded: dict[Op, bytes] = {}
+    def __init__(self, change: Change, index: int, tenant_column: str | None, *, parse: bool) -> None:
+        self.change, self.index, self.tenant_column, self.parsed = change, index, tenant_column, parse
+        self.raw = change.rows[index]
+        self.old_raw = change.olds[index] if change.olds is not None else None
+        self.new: dict[str, Any] = row_values(self.raw) if parse else {}
+        self.old: dict[str, Any] | None = row_values(self.old_raw) if parse and self.old_raw is not None else None
+        self._frames: dict[Kind, bytes] = {}
 
-    def verdict(self, filter: RowFilter, tenant: RowFilter | None) -> Op | None:
+    def values(self) -> tuple[dict[str, Any], ...]:
+        return (self.new,) if self.old is None else (self.new, self.old)
+
+    def tenants(self) -> Iterable[Hashable]:
+        """The tenant buckets this row concerns: its tenant, and the old row's if an update moved it."""
+        if self.tenant_column is None:
+            return (None,)
+        new = tenant_key(self.new.get(self.tenant_column))
+        if self.old is None:
+            return (new,)
+        old = tenant_key(self.old.get(self.tenant_column))
+        return (new,) if old == new else (new, old)
+
+    def verdict(self, filter: RowFilter, tenant: Hashable) -> Op | None:
         """The operation this row is delivered as to a group, or None when the group must not see it."""
-        op = self.change.op
-        if self.new_values is None:
+        op: Op = self.change.kind  # type: ignore[assignment]  # never a truncate here
+        if not self.parsed:
             return op
-        new, old = self.new_values, self.old_values
-        if op == "update" and old is not None:
-            if tenant is not None:
-                in_new, in_old = tenant.matches(new), tenant.matches(old)
+        new, old, column = self.new, self.old, self.tenant_column
+        if column is not None:
+            in_new = tenant is not None and tenant_key(new.get(column)) == tenant
+            in_old = old is not None and tenant is not None and tenant_key(old.get(column)) == tenant
+            if op == "update" and old is not None:
                 if not in_new and not in_old:
                     return None
                 if not in_new:
                     return "delete" if filter.matches(old) else None
                 if not in_old:
                     return "create" if filter.matches(new) else None
+            elif not in_new:
+                return None
+        if op == "update" and old is not None:
             return op if filter.matches(new) or filter.matches(old) else None
-        if tenant is not None and not tenant.matches(new):
-            return None
         return op if filter.matches(new) else None
 
-    def encode(self, op: Op) -> bytes:
-        data = self._encoded.get(op)
-        if data is None:
+    def frame(self, op: Op) -> bytes:
+        frame = self._frames.get(op)
+        if frame is None:
             change = self.change
             if op == "update":
-                body, old = self.raw, self.old
+                body, old = self.raw, self.old_raw
             elif op == "create":
                 body, old = self.raw, None
             else:  # a delete, or an update that moved the row out of a tenant: the row as it was
-                body = self.old if self.old is not None else self.raw
+                body = self.old_raw if self.old_raw is not None else self.raw
                 old = body
-            data = self._encoded[op] = protocol.data_event(
-                change.collection, op, change.timestamp, change.event_id(self.index), body, old
+            frame = self._frames[op] = frames.text_frame(
+                protocol.data_event(change.collection, op, change.timestamp, change.event_id(self.index), body, old)
             )
-        return data
+        return frame

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import WSMsgType, web
 
-from pgbridge import changelog, protocol
+from pgbridge import changelog, frames, protocol
 from pgbridge.auth import Grant, TokenPolicy
 from pgbridge.config import Settings
-from pgbridge.errors import AuthError, ProtocolError
+from pgbridge.errors import AuthError, DatabaseUnavailable, ProtocolError
+from pgbridge.events import Change
+from pgbridge.feed import Feed
+from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
-from pgbridge.router import Router, Subscription, direct, tenant_filter
+from pgbridge.router import Router, Subscription, tenant_key
 
 log = logging.getLogger(__name__)
 
 WS_PATH = "/api/v1/realtime/ws"
-# What a database that is down, restarting or unreachable raises.
+# What a database that is down, restarting or unreachable raises, wrapped once as DatabaseUnavailable.
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_RESERVED_FILES = 64  # descriptors kept for the database pool, health checks and the log
+_ids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -33,85 +42,174 @@ class Bridge:
 
     settings: Settings
     tokens: TokenPolicy
-    router: Router = field(default_factory=Router)
+    max_connections: int = 0
+    router: Router = field(init=False)
+    history: History = field(init=False)
+    listener: Listener = field(init=False)
     connections: set[Connection] = field(default_factory=set)
+    handshakes: int = 0
+    per_subject: Counter[str | None] = field(default_factory=Counter)
+    cost_per_subject: Counter[str | None] = field(default_factory=Counter)
+    feeds: set[Feed] = field(default_factory=set)
     publications: frozenset[str] | None = None
     stats: changelog.Stats | None = None
-    listener: Listener = field(init=False)
     pool: asyncpg.Pool | None = None
+    replay_slots: asyncio.Semaphore = field(init=False)
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    closed: Counter[str] = field(default_factory=Counter)
+    catchup_reads: int = 0
+    task_failures: dict[str, tuple[str, float]] = field(default_factory=dict)
+    """Side tasks that failed: the error, and when (they are restarted)."""
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.router = Router(s.tenant_column, self._fell_behind)
+        self.history = History(s.history_bytes)
         self.listener = Listener(
             ListenerSettings(
-                s.dsn, probe_interval=s.probe_interval, probe_timeout=s.probe_timeout, verify=s.verify_notifications
+                s.dsn, probe_interval=s.probe_interval, probe_timeout=s.probe_timeout, poll_interval=s.poll_interval
             ),
             self.router.route,
             self._set_publications,
+            self.history,
+            self._gap,
         )
+        self.replay_slots = asyncio.Semaphore(s.max_replays)
 
     def _set_publications(self, collections: frozenset[str]) -> None:
         self.publications = collections
 
-    async def replay(self, sub: Subscription, since: tuple[int, int]) -> set[int]:
-        """Send ``sub`` every change after event ``since``; return the change ids sent.
+    def _fell_behind(self, sub: Subscription, change: Change, row: int) -> None:
+        sink = sub.sink
+        assert isinstance(sink, Connection)
+        sink.catch_up(Feed(sub, sink, self.router, self.listener, self.history, self, change.position(row - 1), change))
 
-        Raises :class:`changelog.Pruned` when ``since`` is no longer (or never was) in the log.
-        """
-        assert self.pool is not None
-        change_id, index = since
-        send = direct(sub)
-        sent: set[int] = set()
-        async with self.pool.acquire() as conn:
-            seq = await changelog.seq_of(conn, change_id)
-            if seq is None:
-                raise changelog.Pruned(f"change {change_id} is not in the change log")
-            position = (seq, change_id - 1)  # the first batch starts with the since change itself
-            while True:
-                batch = await changelog.read_after(conn, *position, collection=sub.collection)
-                for seq, change in batch:
-                    position = (seq, change.change_id)
-                    sent.add(change.change_id)
-                    send(change, index + 1 if change.change_id == change_id else 0)
-                if len(batch) < changelog.REPLAY_BATCH or sub.sink.closing:
-                    return sent
+    def _gap(self) -> None:
+        """Changes were lost to retention before they were routed: every live subscription must resync."""
+        for conn in list(self.connections):
+            for sub in self.router.subscriptions(conn).values():
+                conn.send(frames.text_frame(protocol.resync_required(sub.collection)))
+
+    async def read(self, after: tuple[int, int], upto: int, collection: str) -> tuple[list[Change], tuple[int, int]]:
+        """The change log as catching-up clients read it: at most ``--max-replays`` reads at a time."""
+        async with self.replay_slots:
+            self.catchup_reads += 1
+            found: tuple[list[Change], tuple[int, int]] = await self._with_pool(
+                lambda conn: changelog.read(conn, after, upto, collection)
+            )
+            return found
+
+    async def locate(self, change_id: int) -> int | None:
+        async with self.replay_slots:
+            tick: int | None = await self._with_pool(lambda conn: changelog.locate(conn, change_id))
+            return tick
+
+    async def _with_pool(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        if self.pool is None:
+            raise DatabaseUnavailable("the bridge is starting")
+        try:
+            async with self.pool.acquire() as conn:
+                return await query(conn)
+        except DATABASE_ERRORS as exc:
+            raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
 
 
 class Connection:
-    """One client: its token's grant, and a bounded outbound queue drained by its own writer task."""
+    """One client. Frames are written to its socket at once; how much may wait there unsent is bounded.
+
+    Live frames that do not fit in ``--outbound-limit`` are not queued: the subscription is fed from
+    the change log instead (:class:`Feed`), at the pace the client reads.
+    """
+
+    __slots__ = (
+        "bridge", "closing", "cost", "feeds", "grant", "id", "idle_since", "peer", "protocol", "stalled", "transport",
+        "written", "ws",
+    )  # fmt: skip
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, grant: Grant, bridge: Bridge) -> None:
+        assert request.transport is not None
         self.ws = ws
-        self._transport = request.transport
+        self.transport = request.transport
+        self.protocol = request.protocol
         self.grant = grant
         self.bridge = bridge
+        self.id = f"c{next(_ids)}"
+        self.peer = request.remote
         self.closing = False
-        self._pending: deque[bytes] = deque()
-        self._pending_bytes = 0
-        self._wakeup = asyncio.Event()
-        self._limit = bridge.settings.outbound_limit
+        self.written = 0
+        self.stalled: tuple[int, float] | None = None  # (bytes sent, when) while data waits unsent
+        self.idle_since = time.monotonic()
+        self.cost = 0
+        self.feeds: dict[str, asyncio.Task[None]] = {}
+        limit = bridge.settings.outbound_limit
+        # Catching up writes while less than half the limit waits; live frames may use all of it.
+        self.transport.set_write_buffer_limits(high=limit // 2, low=limit // 8)
 
-    def send(self, data: bytes) -> None:
+    def offer(self, frame: bytes) -> bool:
+        """Write a live frame if it fits in the client's budget."""
+        if self.closing:
+            return True
+        if self.transport.is_closing():
+            self.closing = True
+            return True
+        waiting = self.transport.get_write_buffer_size()
+        if waiting and waiting + len(frame) > self.bridge.settings.outbound_limit:
+            return False
+        self.transport.write(frame)
+        self.written += len(frame)
+        return True
+
+    def send(self, frame: bytes) -> None:
+        """Write a reply or a notice, whatever the backlog: they are small and few."""
+        if self.closing or self.transport.is_closing():
+            self.closing = True
+            return
+        self.transport.write(frame)
+        self.written += len(frame)
+
+    async def send_paced(self, frame: bytes) -> None:
+        """Write a catch-up frame once the client has taken most of what waits for it."""
+        await self._drained()
+        self.send(frame)
+
+    async def _drained(self) -> None:
+        """Wait while asyncio's flow control has paused writing to this client (see the buffer limits)."""
+        if self.protocol.writing_paused:
+            try:
+                await self.protocol._drain_helper()  # how aiohttp's own writers wait for a socket
+            except ConnectionError:
+                self.closing = True
+
+    def catch_up(self, feed: Feed) -> None:
+        """Feed one subscription from the change log (it is not live), then let it rejoin live delivery."""
         if self.closing:
             return
-        if self._pending and self._pending_bytes + len(data) > self._limit:
-            self.overflow()
-            return
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        self._wakeup.set()
+        name = feed.sub.collection
+        self._stop_feed(name)
+        self.feeds[name] = asyncio.get_running_loop().create_task(self._feed(feed), name=f"pgbridge-feed-{self.id}")
 
-    def overflow(self) -> None:
-        if not self.closing:
-            log.info("closing a slow client (%d bytes queued)", self._pending_bytes)
-            self.close_soon(1013, "Slow consumer")
+    async def _feed(self, feed: Feed) -> None:
+        bridge = self.bridge
+        bridge.feeds.add(feed)
+        try:
+            await feed.run()
+        except Exception:
+            log.exception("%s: catching up %s failed", self.id, feed.sub.collection)
+            self.close_soon(1011, "Internal error")
+        finally:
+            bridge.feeds.discard(feed)
+            if self.feeds.get(feed.sub.collection) is asyncio.current_task():
+                del self.feeds[feed.sub.collection]
+
+    def _stop_feed(self, collection: str) -> None:
+        task = self.feeds.pop(collection, None)
+        if task is not None:
+            task.cancel()
 
     def close_soon(self, code: int, reason: str) -> None:
         if not self.closing:
             self.closing = True
-            self._pending.clear()
-            self._pending_bytes = 0
+            self.bridge.closed[reason] += 1
             task = asyncio.get_running_loop().create_task(self.close(code, reason), name="pgbridge-close")
             self.bridge.background.add(task)
             task.add_done_callback(self.bridge.background.discard)
@@ -123,159 +221,285 @@ class Connection:
             async with asyncio.timeout(self.bridge.settings.close_timeout):
                 await self.ws.close(code=code, message=reason.encode())
         except (TimeoutError, ConnectionError):
-            if self._transport is not None:
-                self._transport.abort()
-
-    async def _write(self) -> None:
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._pending and not self.closing:
-                data = self._pending.popleft()
-                self._pending_bytes -= len(data)
-                await self.ws.send_frame(data, WSMsgType.TEXT)
+            self.transport.abort()
 
     async def serve(self) -> None:
         bridge = self.bridge
         loop = asyncio.get_running_loop()
-        writer = loop.create_task(self._write(), name="pgbridge-writer")
         expiry = loop.call_later(max(0.0, self.grant.expires_at - time.time()), self.close_soon, 1008, "Token expired")
         bridge.connections.add(self)
+        bridge.per_subject[self.grant.subject] += 1
+        log.debug("%s: connected from %s", self.id, self.peer)
         try:
             async for msg in self.ws:
                 if self.closing:
                     break
+                await self._drained()  # read no more requests while the client does not take its replies
                 if msg.type is WSMsgType.TEXT:
                     try:
                         await self._handle(msg.data)
                     except Exception:
-                        log.exception("internal error serving a client")
+                        log.exception("%s: internal error", self.id)
                         self.close_soon(1011, "Internal error")
                 elif msg.type is WSMsgType.BINARY:
-                    self.send(protocol.error("Binary frames are not supported"))
+                    self.send(frames.text_frame(protocol.error("Binary frames are not supported")))
         finally:
             expiry.cancel()
+            for collection in list(self.feeds):
+                self._stop_feed(collection)
             bridge.router.drop(self)
             bridge.connections.discard(self)
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await writer
+            bridge.per_subject[self.grant.subject] -= 1
+            bridge.cost_per_subject[self.grant.subject] -= self.cost
+            log.debug("%s: disconnected (close code %s)", self.id, self.ws.close_code)
 
     async def _handle(self, text: str) -> None:
+        reply: bytes
         try:
             message = protocol.parse_client_message(text)
             if isinstance(message, protocol.Ping):
-                self.send(protocol.pong())
+                reply = protocol.pong()
             elif isinstance(message, protocol.Unsubscribe):
-                self.bridge.router.remove(self, message.collection)
-                self.send(protocol.unsubscribed(message.collection))
+                self._unsubscribe(message.collection)
+                reply = protocol.unsubscribed(message.collection)
             else:
-                await self._subscribe(message)
+                self._subscribe(message)
+                return
         except ProtocolError as exc:
-            self.send(protocol.error(exc.text, action=exc.action, collection=exc.collection))
+            reply = protocol.error(exc.text, action=exc.action, collection=exc.collection)
+        self.send(frames.text_frame(reply))
 
-    async def _subscribe(self, message: protocol.Subscribe) -> None:
-        bridge, name = self.bridge, message.collection
+    def _unsubscribe(self, collection: str) -> None:
+        self._stop_feed(collection)
+        sub = self.bridge.router.remove(self, collection)
+        if sub is not None:
+            self._spend(-sub.filter.cost)
+        if not self.bridge.router.subscriptions(self):
+            self.idle_since = time.monotonic()
+
+    def _spend(self, cost: int) -> None:
+        self.cost += cost
+        self.bridge.cost_per_subject[self.grant.subject] += cost
+
+    def _subscribe(self, message: protocol.Subscribe) -> None:
+        bridge, name, s = self.bridge, message.collection, self.bridge.settings
 
         def refuse(text: str) -> ProtocolError:
             return ProtocolError(text, action="subscribe", collection=name)
 
         if bridge.publications is None:
             raise refuse("The database is unavailable; subscribe again shortly")
-        if name not in bridge.publications:
-            raise refuse(f"Collection {name!r} is not published")
         allowed = self.grant.allowed(name)
-        if not allowed:
-            raise refuse(f"This token may not subscribe to {name!r}")
+        if name not in bridge.publications or not allowed:
+            raise refuse(f"Collection {name!r} is not published or not allowed for this token")
         operations = message.operations or allowed
         if not operations <= allowed:
             raise refuse(f"This token may not receive {', '.join(sorted(operations - allowed))} on {name!r}")
         current = bridge.router.subscriptions(self)
-        if name not in current and len(current) >= bridge.settings.max_subscriptions:
-            raise refuse(f"Max subscriptions reached ({bridge.settings.max_subscriptions})")
-        s = bridge.settings
-        tenant = tenant_filter(s.tenant_column, self.grant.tenant) if s.tenant_column else None
+        replaced = current.get(name)
+        if replaced is None and len(current) >= s.max_subscriptions:
+            raise refuse(f"Max subscriptions reached ({s.max_subscriptions})")
+        extra = message.filter.cost - (replaced.filter.cost if replaced else 0)
+        if self.cost + extra > s.max_filter_cost:
+            raise refuse(f"Filters too complex: at most {s.max_filter_cost} conditions per connection")
+        if bridge.cost_per_subject[self.grant.subject] + extra > s.max_filter_cost_per_subject:
+            raise refuse(f"Filters too complex: at most {s.max_filter_cost_per_subject} conditions per token")
+        tenant = tenant_key(self.grant.tenant) if s.tenant_column else None
         sub = Subscription(self, name, operations, message.filter, tenant)
-        if message.since is None:
-            bridge.router.add(sub)
-            self.send(protocol.subscribed(name))
+        self._stop_feed(name)
+        self._spend(extra)
+        bridge.router.add(sub, live=message.since is None)
+        self.send(frames.text_frame(protocol.subscribed(name)))
+        if message.since is not None:
+            self.feeds[name] = asyncio.get_running_loop().create_task(
+                self._resume(sub, message.since), name=f"pgbridge-resume-{self.id}"
+            )
+
+    async def _resume(self, sub: Subscription, since: tuple[int, int]) -> None:
+        bridge = self.bridge
+        change_id, row = since
+        delay = 0.1
+        while True:
+            try:
+                tick = await bridge.locate(change_id)
+                break
+            except DatabaseUnavailable as exc:
+                log.debug("%s: resuming waits for the database: %s", self.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+        if tick is None:
+            bridge.router.attach(sub)
+            self.send(frames.text_frame(protocol.resync_required(sub.collection)))
             return
-        sub.hold(self._limit)
-        bridge.router.add(sub)
-        self.send(protocol.subscribed(name))
-        replayed: set[int] = set()
-        try:
-            replayed = await bridge.replay(sub, message.since)
-        except changelog.Pruned:
-            self.send(protocol.resync_required(name))
-        except DATABASE_ERRORS as exc:
-            log.warning("replay for a client failed: %s", exc)
-            bridge.router.remove(self, name)
-            raise refuse(
-                "Could not replay changes (database unavailable); subscribe again with the same since"
-            ) from None
-        finally:
-            sub.release(replayed.__contains__)
+        feed = Feed(sub, self, bridge.router, bridge.listener, bridge.history, bridge, (tick, change_id, row))
+        await self._feed(feed)
 
 
 BRIDGE = web.AppKey("bridge", Bridge)
 
 
+def _offered_protocols(request: web.Request) -> list[str]:
+    return [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+
+
 async def realtime(request: web.Request) -> web.StreamResponse:
     """``GET /api/v1/realtime/ws``: the SnackBase realtime protocol."""
     bridge = request.app[BRIDGE]
+    if len(bridge.connections) + bridge.handshakes >= bridge.max_connections:
+        bridge.closed["Connection limit"] += 1
+        _shed()
+        return web.json_response(
+            {"error": "The server is at its connection limit; try again later"},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     token = request.query.get("token")
-    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-    if not token and "bearer" in offered:
-        token = next((p for p in offered if p != "bearer"), None)
+    offered = _offered_protocols(request)
+    if "bearer" in offered:
+        token = token or next((p for p in offered if p != "bearer"), None)
+    elif offered:
+        # Not a protocol we speak; dropping the header keeps aiohttp from logging it (it may be a token).
+        request = request.clone(headers={k: v for k, v in request.headers.items() if k != "Sec-WebSocket-Protocol"})
+    s = bridge.settings
     ws = web.WebSocketResponse(
         protocols=("bearer",) if "bearer" in offered else (),
-        max_msg_size=bridge.settings.max_frame,
+        max_msg_size=s.max_frame,
         compress=False,
-        timeout=bridge.settings.close_timeout,
+        timeout=s.close_timeout,
+        heartbeat=s.ping_interval or None,
     )
-    await ws.prepare(request)
+    bridge.handshakes += 1
+    try:
+        await ws.prepare(request)
+    except (ConnectionError, asyncio.CancelledError):
+        log.debug("a client left during its WebSocket upgrade")
+        return ws
+    finally:
+        bridge.handshakes -= 1
+    _require_masking(request, ws)
     try:
         grant = bridge.tokens.verify(token)
+        if bridge.per_subject[grant.subject] >= s.max_connections_per_subject:
+            raise AuthError("Too many connections for this token")
     except AuthError as exc:
+        bridge.closed[exc.reason] += 1
         await ws.close(code=1008, message=exc.reason.encode())
         return ws
     await Connection(request, ws, grant, bridge).serve()
     return ws
 
 
+def _require_masking(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Close with 1002 on a client frame that is not masked (RFC 6455, section 5.1).
+
+    aiohttp's reader accepts such frames, so the bytes are checked on their way to it.
+    """
+    handler = request.protocol
+    parser: Any = getattr(handler, "_payload_parser", None)
+    if parser is None:
+        return
+    check = frames.MaskCheck()
+    background = request.app[BRIDGE].background
+
+    async def refuse() -> None:
+        await ws.close(code=1002, message=b"Client frames must be masked")
+
+    class Guard:
+        def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+            if check.feed(data):
+                return parser.feed_data(data)  # type: ignore[no-any-return]
+            if not ws.closed:
+                task = asyncio.get_running_loop().create_task(refuse())
+                background.add(task)
+                task.add_done_callback(background.discard)
+            return False, b""
+
+        def feed_eof(self) -> None:
+            parser.feed_eof()
+
+    handler._payload_parser = Guard()
+
+
+_shed_logged = 0.0
+
+
+def _shed() -> None:
+    global _shed_logged
+    now = time.monotonic()
+    if now - _shed_logged > 60:
+        _shed_logged = now
+        log.warning("refusing new connections: the connection limit is reached (reported once a minute)")
+
+
 async def healthz(request: web.Request) -> web.Response:
     """200 while the listener is connected and caught up, 503 otherwise, with the figures to watch."""
     bridge = request.app[BRIDGE]
     listener = bridge.listener
+    now = time.time()
+    lags = [_age(f.at, now) for f in bridge.feeds]
+    failed = {name: error for name, (error, when) in bridge.task_failures.items() if time.monotonic() - when < 300}
     body: dict[str, object] = {
-        "status": "ok" if listener.connected else "unavailable",
-        "database": "connected" if listener.connected else listener.problem,
+        "status": "ok" if listener.connected and not failed else "degraded" if listener.connected else "unavailable",
+        "database": "connected" if listener.connected else "unavailable (the bridge's log says why)",
         "clients": len(bridge.connections),
         "changes_delivered": listener.delivered,
-    }
+        "catching_up": len(bridge.feeds),
+        "catch_up_lag_seconds": round(max(lags), 3) if lags else 0.0,
+        "catch_up_reads": bridge.catchup_reads,
+    }  # fmt: skip
     if bridge.stats is not None:
         body["notification_queue_usage"] = bridge.stats.notification_queue_usage
         body["changelog_transactions"] = bridge.stats.changelog_transactions
         body["changelog_bytes"] = bridge.stats.changelog_bytes
+    if failed:
+        body["failed_tasks"] = failed  # in the last five minutes
     return web.json_response(body, status=200 if listener.connected else 503)
+
+
+def _age(timestamp: str | None, now: float) -> float:
+    if timestamp is None:
+        return 0.0
+    return max(0.0, now - datetime.fromisoformat(timestamp).timestamp())
 
 
 async def _heartbeats(bridge: Bridge) -> None:
     while True:
         await asyncio.sleep(bridge.settings.heartbeat)
-        data = protocol.heartbeat()
+        frame = frames.text_frame(protocol.heartbeat())
+        for n, conn in enumerate(list(bridge.connections), 1):
+            conn.send(frame)
+            if n % 1000 == 0:
+                await asyncio.sleep(0)  # thousands of clients: let deliveries through meanwhile
+
+
+async def _watchdog(bridge: Bridge) -> None:
+    """Close clients that take no data at all for ``--stall-timeout``, and idle ones if asked to."""
+    s = bridge.settings
+    while True:
+        await asyncio.sleep(min(1.0, s.stall_timeout / 4))
+        now = time.monotonic()
         for conn in list(bridge.connections):
-            conn.send(data)
+            waiting = conn.transport.get_write_buffer_size()
+            if not waiting:
+                conn.stalled = None
+            else:
+                sent = conn.written - waiting
+                if conn.stalled is None or sent > conn.stalled[0]:
+                    conn.stalled = (sent, now)
+                elif now - conn.stalled[1] > s.stall_timeout:
+                    log.info("%s: closing a client that took no data for %gs", conn.id, s.stall_timeout)
+                    conn.close_soon(1013, "Slow consumer")
+            if s.idle_timeout and now - conn.idle_since > s.idle_timeout and not bridge.router.subscriptions(conn):
+                conn.close_soon(1000, f"No subscription for {s.idle_timeout:g}s")
 
 
 async def _maintenance(bridge: Bridge) -> None:
     """Watch the NOTIFY queue and the change log; prune the log (one replica at a time)."""
     s = bridge.settings
-    assert bridge.pool is not None
     next_prune = 0.0
     while True:
         try:
+            assert bridge.pool is not None
             async with bridge.pool.acquire() as conn:
                 bridge.stats = await changelog.stats(conn)
                 if bridge.stats.notification_queue_usage > s.queue_warning:
@@ -295,14 +519,72 @@ async def _maintenance(bridge: Bridge) -> None:
         await asyncio.sleep(s.stats_interval)
 
 
+async def _supervise(bridge: Bridge, name: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run a side task for as long as the bridge runs: one that fails is logged, shown in /healthz, restarted."""
+    delay = 1.0
+    while True:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the %s task failed; restarting it in %gs", name, delay)
+            bridge.task_failures[name] = (f"{type(exc).__name__}: {exc}", time.monotonic())
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 60.0)
+        else:
+            return
+
+
+def _descriptor_limit() -> int:
+    """Raise this process's open-file limit to its hard limit; return what connections may use."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(16, soft - _RESERVED_FILES)
+
+
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Report running out of descriptors once a minute instead of once per attempt."""
+    last = 0.0
+    default = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        nonlocal last
+        if "out of system resource" in str(context.get("message", "")):
+            now = time.monotonic()
+            if now - last > 60:
+                last = now
+                log.error("out of file descriptors: new connections wait (reported once a minute): %s",
+                          context.get("exception"))  # fmt: skip
+            return
+        if default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
 async def _background(app: web.Application) -> AsyncIterator[None]:
     bridge = app[BRIDGE]
-    bridge.pool = await asyncpg.create_pool(bridge.settings.dsn, min_size=0, max_size=4, timeout=10)
-    tasks = [
-        asyncio.create_task(bridge.listener.run(), name="pgbridge-listener"),
-        asyncio.create_task(_heartbeats(bridge), name="pgbridge-heartbeat"),
-        asyncio.create_task(_maintenance(bridge), name="pgbridge-maintenance"),
-    ]
+    s = bridge.settings
+    _quiet_accept_errors(asyncio.get_running_loop())
+    bridge.pool = await asyncpg.create_pool(s.dsn, min_size=0, max_size=s.max_replays + 1, timeout=10)
+    side: dict[str, Callable[[Bridge], Awaitable[None]]] = {
+        "heartbeat": _heartbeats,
+        "maintenance": _maintenance,
+        "watchdog": _watchdog,
+    }
+    tasks = [asyncio.create_task(bridge.listener.run(), name="pgbridge-listener")]
+    for name, run in side.items():
+        tasks.append(
+            asyncio.create_task(_supervise(bridge, name, functools.partial(run, bridge)), name=f"pgbridge-{name}")
+        )
     yield
     for task in tasks:
         task.cancel()
@@ -320,7 +602,8 @@ async def _close_clients(app: web.Application) -> None:
 def create_app(settings: Settings, tokens: TokenPolicy) -> web.Application:
     """The bridge as an aiohttp application; its listener and tasks run while the app runs."""
     app = web.Application()
-    app[BRIDGE] = Bridge(settings, tokens)
+    limit = settings.max_connections or _descriptor_limit()
+    app[BRIDGE] = Bridge(settings, tokens, limit)
     app.router.add_get(WS_PATH, realtime)
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(_background)

@@ -6,6 +6,21 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
+-- Applying this file over a newer schema would put old functions back: refuse instead.
+DO $$
+DECLARE
+    installed integer;
+BEGIN
+    IF to_regclass('pgbridge.migrations') IS NOT NULL THEN
+        EXECUTE 'SELECT max(version) FROM pgbridge.migrations' INTO installed;
+        IF installed > 1 THEN
+            RAISE EXCEPTION 'pgbridge schema version % is installed; 001 is older and was not applied', installed
+                USING HINT = 'Nothing to do: `pgbridge migrate` applies only the migrations a database lacks.';
+        END IF;
+    END IF;
+END
+$$;
+
 CREATE SCHEMA IF NOT EXISTS pgbridge;
 
 CREATE TABLE IF NOT EXISTS pgbridge.migrations (

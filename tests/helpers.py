@@ -116,7 +116,7 @@ async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
         leeway=settings.jwt_leeway,
     )
     app = create_app(settings, policy)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5, keepalive_timeout=settings.handshake_timeout)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port)
     await site.start()
@@ -148,7 +148,7 @@ async def send(ws: Any, message: Any) -> None:
 async def subscribe(ws: Any, collection: str, **extra: Any) -> dict[str, Any]:
     await send(ws, {"action": "subscribe", "collection": collection, **extra})
     reply = await recv(ws)
-    assert reply == {"status": "subscribed", "collection": collection}, reply
+    assert reply == {"status": "subscribed", "type": "subscribed", "collection": collection}, reply
     return reply
 
 
@@ -213,6 +213,16 @@ def psql(cluster: Cluster, dsn: str, sql: str) -> str:
     return done.stdout
 
 
+async def positions(conn: asyncpg.Connection) -> dict[int, int]:
+    """The tick of every change in the log, computed from the ticks' snapshots (independently of the bridge)."""
+    rows = await conn.fetch(
+        """SELECT c.id, (SELECT min(t.n) FROM pgbridge.ticks t
+                         WHERE t.n > 0 AND pg_visible_in_snapshot(c.xid, t.snap)) AS tick
+           FROM pgbridge.changes c"""
+    )
+    return {r["id"]: r["tick"] for r in rows}
+
+
 @dataclass
 class Ledger:
     """What writers committed vs. what a client received: the one checker the fault tests share."""
@@ -233,16 +243,11 @@ class Ledger:
         assert not duplicates, f"{duplicates} duplicated events"
         assert not missing, f"{len(missing)} committed rows never arrived, e.g. {sorted(missing)[:5]}"
         assert not extra, f"rows that were never committed arrived: {sorted(extra)[:5]}"
-        positions = {
-            r["id"]: r["seq"]
-            for r in await conn.fetch(
-                "SELECT l.id, c.seq FROM pgbridge.changes l JOIN pgbridge.commits c ON c.xid = l.xid"
-            )
-        }
+        ticks = await positions(conn)
 
         def position(event_id: str) -> tuple[int, int, int]:
             change, row = (int(x) for x in event_id.split("."))
-            return positions[change], change, row
+            return ticks[change], change, row
 
         order = [position(i) for i in ids]
         assert order == sorted(order), "events arrived out of commit order"

@@ -14,7 +14,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pgbridge.auth import TokenPolicy
-from tests.helpers import RunningBridge, assert_silent, close_frame, collect, recv, send, start_bridge, subscribe, token
+from tests.helpers import (
+    Ledger,
+    RunningBridge,
+    assert_silent,
+    close_frame,
+    collect,
+    recv,
+    send,
+    start_bridge,
+    subscribe,
+    token,
+    until_quiet,
+)
 
 
 async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db: asyncpg.Connection) -> None:
@@ -23,7 +35,7 @@ async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db:
     async with bridge.connect(token(collections=["notes"])) as ws:
         await send(ws, {"action": "subscribe", "collection": "posts"})
         assert await recv(ws) == {
-            "error": "This token may not subscribe to 'posts'",
+            "error": "Collection 'posts' is not published or not allowed for this token",
             "action": "subscribe",
             "collection": "posts",
         }
@@ -228,7 +240,7 @@ async def test_a_capture_trigger_attached_by_hand_cannot_forge_a_collection(
     await db.execute(
         """CREATE TABLE mine (title text);
            CREATE TRIGGER forge AFTER INSERT ON mine REFERENCING NEW TABLE AS pgbridge_new
-           FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture()"""
+           FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture_v2()"""
     )
     async with bridge.connect() as ws:
         await subscribe(ws, "posts")
@@ -239,25 +251,59 @@ async def test_a_capture_trigger_attached_by_hand_cannot_forge_a_collection(
     assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 1
 
 
-async def test_verified_notifications_ignore_forged_and_repeated_payloads(dsn: str, posts: str) -> None:
-    running = await start_bridge(dsn, verify_notifications=True)
-    forger = await asyncpg.connect(dsn)
+async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
+    dsn: str, posts: str, db: asyncpg.Connection
+) -> None:
+    """A role that may write to a published table but not read it: LISTEN gives it nothing, and nothing it
+    sends or holds changes what a subscriber receives."""
+    role = f"mallory_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN; GRANT INSERT, UPDATE ON posts TO {role}; "
+                     f"GRANT USAGE ON SEQUENCE posts_id_seq TO {role}")  # fmt: skip
+    running = await start_bridge(dsn, probe_interval=0.5)
+    mallory = await asyncpg.connect(dsn.replace("postgres:@", f"{role}:@"))
+    heard: list[str] = []
+    await mallory.add_listener("pgbridge", lambda *args: heard.append(args[3]))
     try:
+        for probe in (
+            "SELECT * FROM pgbridge.changes",
+            "SELECT * FROM pgbridge.ticks",
+            "SELECT pgbridge.tick_v2()",
+            "SELECT * FROM posts",
+            "DELETE FROM pgbridge.ticks",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await mallory.execute(probe)
+        # every lock key pgbridge ever used, and then some, held for the whole test
+        await mallory.execute(
+            "SELECT pg_advisory_lock(k) FROM generate_series(7316021946250125300, 7316021946250125320) k"
+        )
+        await mallory.execute("SELECT set_config('pgbridge.sequenced_xid', pg_current_xact_id()::text, false)")
+        reconnects = running.bridge.listener.reconnects
+        ledger = Ledger()
         async with running.connect() as ws:
             await subscribe(ws, "posts")
-            await forger.execute("INSERT INTO posts (title) VALUES ('real')")
-            real = await recv(ws)
-            assert real["data"]["title"] == "real" and "secret" not in real["data"]
-            change_id = int(real["id"].split(".")[0])
-            forged = '{"id": %d, "c": "posts", "op": "create", "ts": "2026-01-01T00:00:00.000Z", "n": 1}\n%s'
-            await forger.execute(
-                "SELECT pg_notify('pgbridge', $1), pg_notify('pgbridge', $2)",
-                forged % (change_id, '{"title": "replayed"}'),
-                forged % (10**9, '{"title": "invented"}'),
-            )
-            await forger.execute("INSERT INTO posts (title) VALUES ('second')")
-            assert (await recv(ws))["data"]["title"] == "second"
-            await assert_silent(ws, 0.3)
+            for i in range(20):
+                await db.execute("INSERT INTO posts (title, secret) VALUES ($1, 'ssn-123-45-6789')", f"real {i}")
+                await mallory.execute("INSERT INTO posts (title, secret) VALUES ($1, 'x')", f"mallory {i}")
+                forged = (
+                    '{"id": 9223372036854775808, "c": "posts", "op": "create", "ts": "x", "n": 1}\n{"title": "forged"}'
+                )
+                await mallory.execute(
+                    "SELECT pg_notify('pgbridge', $1), pg_notify('pgbridge', 'garbage'), pg_notify('pgbridge', '2'),"
+                    " pg_notify('pgbridge_publications', 'posts')",
+                    forged,
+                )
+            await mallory.execute("SELECT pg_notify('pgbridge', g::text) FROM generate_series(1, 2000) g")
+            await db.execute("INSERT INTO posts (title) VALUES ('last')")
+            ledger.add(await until_quiet(ws))
+        await ledger.verify(db, "posts")
+        assert len(ledger.received) == 41
+        assert {e["data"]["title"] for e in ledger.received} >= {"real 0", "mallory 19", "last"}
+        assert all("secret" not in e["data"] for e in ledger.received)
+        assert running.bridge.listener.reconnects == reconnects  # nothing made the listener start over
+        await asyncio.sleep(0.2)
+        assert heard and set(heard) <= {"2", "garbage"} | {str(g) for g in range(1, 2001)} | {forged}
+        assert not any("ssn" in h or "real" in h for h in heard)  # LISTEN carries no row data
     finally:
-        await forger.close()
+        await mallory.close()
         await running.stop()

@@ -67,7 +67,7 @@ async def test_resubscribing_replaces_and_unsubscribe_stops(bridge: RunningBridg
         await db.execute("DELETE FROM posts")
         assert (await recv(ws))["type"] == "posts.delete"
         await send(ws, {"action": "unsubscribe", "collection": "posts"})
-        assert await recv(ws) == {"status": "unsubscribed", "collection": "posts"}
+        assert await recv(ws) == {"status": "unsubscribed", "type": "unsubscribed", "collection": "posts"}
         await db.execute("INSERT INTO posts (title) VALUES ('b')")
         await assert_silent(ws, 0.3)
 
@@ -213,6 +213,6 @@ async def test_publishing_later_makes_a_collection_available(bridge: RunningBrid
             if reply.get("status") == "subscribed":
                 break
             await asyncio.sleep(0.05)
-        assert reply == {"status": "subscribed", "collection": "comments"}
+        assert reply == {"status": "subscribed", "type": "subscribed", "collection": "comments"}
         await db.execute("INSERT INTO comments VALUES (5)")
         assert (await recv(ws))["data"] == {"id": 5}

@@ -20,6 +20,7 @@ import pytest
 import websockets
 
 from pgbridge import changelog
+from pgbridge.events import MAX_ID
 from pgbridge.migrate import migrate
 from tests.helpers import (
     SECRET,
@@ -168,12 +169,13 @@ async def test_since_that_is_unknown_or_pruned_asks_for_a_resync(dsn: str, db: a
             await subscribe(ws, "posts")
             await db.execute("INSERT INTO posts (title) VALUES ('old')")
             old = await recv(ws)
-            for i in range(5):
+            for i in range(5):  # each in a tick of its own: delivered before the next commits
                 await db.execute("INSERT INTO posts (title) VALUES ($1)", f"new{i}")
-            await asyncio.sleep(0.3)
+                assert (await recv(ws))["data"]["title"] == f"new{i}"
         removed = await changelog.prune(db, max_age=3600, max_transactions=3, batch=2)
         assert removed == 3
-        assert await db.fetchval("SELECT count(*) FROM pgbridge.commits") == 3
+        assert (await changelog.stats(db)).changelog_transactions == 3
+        assert await changelog.locate(db, int(old["id"].split(".")[0])) is None
         for since in (old["id"], "999999999.0"):
             async with running.connect() as ws:
                 await subscribe(ws, "posts", since=since)
@@ -212,12 +214,19 @@ async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.C
     await db.execute(POSTS)
     for i in range(10):
         await db.execute("INSERT INTO posts (title) VALUES ($1)", str(i))
-    await db.execute("UPDATE pgbridge.commits SET committed_at = now() - interval '2 hours' WHERE seq <= 4")
+        assert await changelog.tick(db) == i + 1
+    await db.execute("UPDATE pgbridge.ticks SET at = now() - interval '2 hours' WHERE n <= 4")
     assert await changelog.prune(db, max_age=3600, max_transactions=100, batch=3) == 4
     assert await changelog.prune(db, max_age=3600, max_transactions=5, batch=3) == 1
-    seqs = [r["seq"] for r in await db.fetch("SELECT seq FROM pgbridge.commits ORDER BY seq")]
-    assert seqs == list(range(6, 11))
-    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 5
+    assert [r["n"] for r in await db.fetch("SELECT n FROM pgbridge.ticks ORDER BY n")] == list(range(5, 11))
+    titles = [r["title"] for r in await db.fetch(
+        "SELECT body::json->>'title' AS title FROM pgbridge.changes ORDER BY id")]  # fmt: skip
+    assert titles == ["5", "6", "7", "8", "9"]
+    with pytest.raises(changelog.Pruned):
+        await changelog.read(db, (4, 0), 10)
+    changes, reached = await changelog.read(db, (5, MAX_ID), 10)
+    assert [c.rows[0] for c in changes] == [b'{"id": %d, "title": "%d"}' % (i + 1, i) for i in range(5, 10)]
+    assert reached == (10, MAX_ID)
 
 
 def _free_port() -> int:

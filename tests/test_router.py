@@ -1,25 +1,35 @@
-"""The pure routing core: one evaluation per filter group, not per subscriber."""
+"""The pure routing core, without a database: shared evaluation, the filter index, tenants, falling behind."""
 
 from __future__ import annotations
 
-import orjson
+from typing import Any
 
+import orjson
+import pytest
+
+from pgbridge import frames
 from pgbridge.events import Change
 from pgbridge.filters import RowFilter, compile_filter
-from pgbridge.router import Router, Subscription
+from pgbridge.router import Router, Subscription, tenant_key
+
+ALL = frozenset({"create", "update", "delete"})
 
 
 class Sink:
     closing = False
 
-    def __init__(self) -> None:
+    def __init__(self, room: int = 10**9) -> None:
         self.received: list[bytes] = []
+        self.room = room
 
-    def send(self, data: bytes) -> None:
-        self.received.append(data)
+    def offer(self, frame: bytes) -> bool:
+        if len(self.received) >= self.room:
+            return False
+        self.received.append(frame)
+        return True
 
-    def overflow(self) -> None:
-        raise AssertionError("not expected")
+    def messages(self) -> list[dict[str, Any]]:
+        return [orjson.loads(frames.payload(f)) for f in self.received]
 
 
 def counting(flt: RowFilter, calls: list[int]) -> RowFilter:
@@ -27,29 +37,131 @@ def counting(flt: RowFilter, calls: list[int]) -> RowFilter:
         calls.append(1)
         return predicate(value)
 
-    return RowFilter(flt.key, ((flt.conditions[0][0], count),))
+    return RowFilter(flt.key, ((flt.conditions[0][0], count),), flt.index, flt.cost)
+
+
+def change(rows: list[dict[str, Any]], kind: str = "create", olds: list[dict[str, Any]] | None = None) -> Change:
+    return Change(
+        1,
+        7,
+        "posts",
+        kind,  # type: ignore[arg-type]
+        "2026-01-01T00:00:00.000Z",
+        tuple(orjson.dumps(r) for r in rows),
+        None if olds is None else tuple(orjson.dumps(r) for r in olds),
+    )
+
+
+def route_all(router: Router, c: Change) -> None:
+    for row in range(c.units):
+        router.route(c, row)
 
 
 def test_subscribers_sharing_a_filter_share_one_evaluation_and_one_encoding() -> None:
     calls: list[int] = []
-    shared = counting(compile_filter({"status": "draft"}), calls)
+    shared = counting(compile_filter({"status": {"neq": "done"}}), calls)
     router = Router()
     sinks = [Sink() for _ in range(500)]
     for sink in sinks:
         router.add(Subscription(sink, "posts", frozenset({"create"}), shared))
-    rows = tuple(orjson.dumps({"id": i, "status": "draft" if i % 2 else "done"}) for i in range(10))
-    router.route(Change(7, "posts", "create", "2026-01-01T00:00:00.000Z", rows, None))
+    route_all(router, change([{"id": i, "status": "draft" if i % 2 else "done"} for i in range(10)]))
     assert len(calls) == 10  # one per row, not one per row and subscriber
     assert all(len(s.received) == 5 for s in sinks)
     assert all(a is b for a, b in zip(sinks[0].received, sinks[-1].received, strict=True))  # the same bytes
-    assert orjson.loads(sinks[0].received[0])["id"] == "7.1"
+    assert sinks[0].messages()[0]["id"] == "7.1"
+
+
+def test_equality_filters_are_looked_up_not_evaluated_one_by_one() -> None:
+    calls: list[int] = []
+    router = Router()
+    sinks = {}
+    for author in range(2000):
+        sinks[author] = Sink()
+        flt = counting(compile_filter({"author_id": author}), calls)
+        router.add(Subscription(sinks[author], "posts", ALL, flt))
+    route_all(router, change([{"id": 1, "author_id": 42}, {"id": 2, "author_id": 7}, {"id": 3, "author_id": None}]))
+    assert len(calls) == 2  # only the two groups whose value matches were evaluated
+    assert [m["data"]["id"] for m in sinks[42].messages()] == [1]
+    assert [m["data"]["id"] for m in sinks[7].messages()] == [2]
+    assert sum(len(s.received) for s in sinks.values()) == 2
+
+
+@pytest.mark.parametrize(
+    ("spec", "value", "expected"),
+    [
+        ({"score": {"gte": 10}}, 10, True),
+        ({"score": {"gt": 10}}, 10, False),
+        ({"score": {"gt": 10}}, 10.5, True),
+        ({"score": {"lt": 10}}, 9, True),
+        ({"score": {"lte": 10}}, 10, True),
+        ({"score": {"lt": 10}}, 10, False),
+        ({"score": {"gte": 10, "lt": 20}}, 20, False),
+        ({"score": {"gte": 10}}, "11", False),
+        ({"score": {"gte": 10}}, True, False),
+        ({"score": {"in": [1, 2.5, "3"]}}, 2.5, True),
+        ({"score": {"in": [1, 2.5, "3"]}}, 3, False),
+        ({"score": 1}, 1.0, True),
+        ({"score": 1}, True, False),
+        ({"at": "2026-01-01T00:00:00Z"}, "2026-01-01T01:00:00+01:00", True),
+        ({"at": "2026-01-01T00:00:00"}, "2026-01-01T00:00:00Z", False),
+        ({"score": None}, None, True),
+        ({"score": {"neq": 3}}, None, True),
+    ],
+)
+def test_the_index_finds_exactly_what_the_filter_matches(spec: dict[str, Any], value: Any, expected: bool) -> None:
+    flt = compile_filter(spec)
+    assert flt.matches({"score": value, "at": value}) is expected  # the filter's own verdict...
+    router = Router()
+    sink = Sink()
+    router.add(Subscription(sink, "posts", ALL, flt))
+    router.add(Subscription(Sink(), "posts", ALL, compile_filter({"other": 1})))  # an index with other entries
+    route_all(router, change([{"score": value, "at": value}]))
+    assert bool(sink.received) is expected  # ...is what routing through the index delivers
+
+
+def test_an_update_is_found_by_its_old_row_too() -> None:
+    router = Router()
+    sink = Sink()
+    router.add(Subscription(sink, "posts", ALL, compile_filter({"status": "draft", "score": {"gte": 5}})))
+    route_all(router, change([{"status": "published", "score": 1}], "update", [{"status": "draft", "score": 9}]))
+    [event] = sink.messages()
+    assert event["type"] == "posts.update" and event["old"]["status"] == "draft"
+
+
+def test_tenants_are_exact_json_values() -> None:
+    router = Router(tenant_column="account")
+    tenants: list[Any] = ["2024-01-01T00:00:00Z", 42, "42", True, 1]  # a list: True and 1 are one dict key
+    sinks = [Sink() for _ in tenants]
+    for tenant, sink in zip(tenants, sinks, strict=True):
+        router.add(Subscription(sink, "posts", ALL, compile_filter(None), tenant_key(tenant)))
+    rows = [{"account": "2024-01-01T01:00:00+01:00"}, {"account": "42"}, {"account": 42.0}, {"account": True}]
+    route_all(router, change(rows))
+    got = [[m["data"]["account"] for m in s.messages()] for s in sinks]
+    assert got == [[], [42.0], ["42"], [True], []]
+
+
+def test_a_subscriber_without_room_is_detached_and_reported_at_that_row() -> None:
+    behind: list[tuple[Subscription, int]] = []
+    router = Router(on_behind=lambda sub, c, row: behind.append((sub, row)))
+    slow, fast = Sink(room=3), Sink()
+    slow_sub = Subscription(slow, "posts", ALL, compile_filter(None))
+    router.add(slow_sub)
+    router.add(Subscription(fast, "posts", ALL, compile_filter(None)))
+    route_all(router, change([{"id": i} for i in range(10)]))
+    assert behind == [(slow_sub, 3)] and not slow_sub.live
+    assert len(slow.received) == 3 and len(fast.received) == 10
+    router.attach(slow_sub)
+    slow.room = 100
+    route_all(router, change([{"id": 99}]))
+    assert slow.messages()[-1]["data"] == {"id": 99}
 
 
 def test_removing_subscriptions_leaves_no_empty_groups() -> None:
-    router = Router()
+    router = Router(tenant_column="t")
     sink = Sink()
-    router.add(Subscription(sink, "posts", frozenset({"create"}), compile_filter({"a": 1})))
-    router.add(Subscription(sink, "notes", frozenset({"create"}), compile_filter(None)))
+    router.add(Subscription(sink, "posts", ALL, compile_filter({"a": 1}), tenant_key(1)))
+    router.add(Subscription(sink, "notes", ALL, compile_filter({"b": {"gt": 2}}), tenant_key(1)))
+    router.add(Subscription(sink, "posts", ALL, compile_filter({"a": {"in": [1, 2]}}), tenant_key(1)))  # replaces
     router.drop(sink)
     assert router.subscriptions(sink) == {}
-    assert router._groups == {}
+    assert router._collections == {} and router._filtered == {}

@@ -36,13 +36,22 @@ async def empty_dsn(cluster: Cluster) -> str:
     return cluster.dsn(name)
 
 
-async def test_migrations_apply_by_hand_twice_and_are_recorded(cluster: Cluster, empty_dsn: str) -> None:
-    for _ in range(2):
-        for m in migrations():
-            psql(cluster, empty_dsn, f"\\i {ROOT / 'sql' / (m.name + '.sql')}")
+async def test_migrations_apply_by_hand_again_but_never_downgrade(cluster: Cluster, empty_dsn: str) -> None:
+    files = [ROOT / "sql" / (m.name + ".sql") for m in migrations()]
+    for path in files:
+        psql(cluster, empty_dsn, f"\\i {path}")
+    psql(cluster, empty_dsn, f"\\i {files[-1]}")  # the newest again: a no-op
     conn = await asyncpg.connect(empty_dsn)
     try:
-        assert [r["name"] for r in await conn.fetch("SELECT name FROM pgbridge.migrations")] == [
+        before = await conn.fetchval("SELECT md5(string_agg(prosrc, '' ORDER BY proname)) FROM pg_proc "
+                                     "WHERE pronamespace = 'pgbridge'::regnamespace")  # fmt: skip
+        for older in files[:-1]:
+            with pytest.raises(AssertionError, match=f"schema version {len(files)} is installed; "):
+                psql(cluster, empty_dsn, f"\\i {older}")
+        after = await conn.fetchval("SELECT md5(string_agg(prosrc, '' ORDER BY proname)) FROM pg_proc "
+                                    "WHERE pronamespace = 'pgbridge'::regnamespace")  # fmt: skip
+        assert before == after  # no function was put back
+        assert [r["name"] for r in await conn.fetch("SELECT name FROM pgbridge.migrations ORDER BY version")] == [
             m.name for m in migrations()
         ]
         assert await migrate(conn) == []  # what psql applied counts
@@ -127,8 +136,25 @@ def test_token_command_mints_a_token_the_server_accepts() -> None:
 
 
 def test_settings_come_from_flags_then_environment() -> None:
-    bad = pgbridge("serve", "--jwt-secret", "s", env={"PGBRIDGE_PORT": "eighty"})
+    bad = pgbridge("serve", "--jwt-secret", SECRET, env={"PGBRIDGE_PORT": "eighty"})
     assert bad.returncode == 2 and "PGBRIDGE_PORT='eighty' is not a valid int" in bad.stderr
+
+
+@pytest.mark.parametrize("secret", [" ", "s", "x" * 31])
+def test_short_secrets_are_refused(secret: str) -> None:
+    done = pgbridge("serve", "--dsn", "postgresql://nowhere/x", env={"PGBRIDGE_JWT_SECRET": secret})
+    assert done.returncode == 2 and "the JWT secret is too short: HS256 needs at least 32 bytes" in done.stderr
+
+
+def test_the_secret_can_come_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    done = pgbridge("serve", "--jwt-secret-file", str(secret), "--port", "1", "--host", "256.0.0.0")
+    assert done.returncode == 2 and "cannot listen on 256.0.0.0:1" in done.stderr  # the secret itself was accepted
+    both = pgbridge("serve", "--jwt-secret-file", str(secret), "--jwt-secret", SECRET)
+    assert both.returncode == 2 and "not both" in both.stderr
+    gone = pgbridge("serve", "--jwt-secret-file", str(tmp_path / "nope"))
+    assert gone.returncode == 2 and f"cannot read the JWT secret file {tmp_path / 'nope'}" in gone.stderr
 
 
 def test_a_built_wheel_carries_the_migrations(tmp_path: Path) -> None:
@@ -176,7 +202,7 @@ def test_serve_says_when_it_cannot_listen_or_read_its_key(tmp_path: Path) -> Non
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = pgbridge("serve", "--jwt-secret", "s", "--port", str(port), "--dsn", "postgresql://x@127.0.0.1:1/x")
+        done = pgbridge("serve", "--jwt-secret", SECRET, "--port", str(port), "--dsn", "postgresql://x@127.0.0.1:1/x")
     assert done.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}:" in done.stderr and "address already in use" in done.stderr
     missing = tmp_path / "nope.pem"

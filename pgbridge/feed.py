@@ -1,0 +1,146 @@
+"""Catching up: feeding one subscription from the change log until it reaches the live stream.
+
+A subscription that asks for ``since``, or whose client fell too far behind to take live frames, is
+fed the positions it has not had yet: from the listener's recent history in memory when that reaches
+back far enough, else from the change log, at the pace the client's socket drains. Once it has every
+row up to the one the listener routed last, it rejoins live delivery at once (no ``await`` in
+between), so the next row it gets live is the next row. The client sees one stream, in order, with no
+gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Protocol
+
+from pgbridge import frames, protocol
+from pgbridge.changelog import PAGE, Pruned
+from pgbridge.errors import DatabaseUnavailable
+from pgbridge.events import MAX_ID, Change, Position
+from pgbridge.history import History
+from pgbridge.listener import Listener
+from pgbridge.router import Router, Subscription
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    closing: bool
+
+    def send(self, frame: bytes) -> None:
+        """Queue a frame now, whatever the client's backlog."""
+
+    async def send_paced(self, frame: bytes) -> None:
+        """Send ``frame``, first waiting while the client's socket has too much unsent data."""
+
+
+class LogReader(Protocol):
+    """The change log as catching-up subscriptions read it."""
+
+    async def read(self, after: tuple[int, int], upto: int, collection: str) -> tuple[list[Change], tuple[int, int]]:
+        """As :func:`pgbridge.changelog.read`; raises :class:`DatabaseUnavailable`."""
+
+    async def locate(self, change_id: int) -> int | None:
+        """As :func:`pgbridge.changelog.locate`; raises :class:`DatabaseUnavailable`."""
+
+
+class Feed:
+    """Feeds ``sub``, which is not live, the rows after ``done``; then makes it live.
+
+    ``done`` may be ahead of the listener (a client resuming from a row another replica delivered):
+    the feed then waits for the listener to get there.
+    """
+
+    def __init__(
+        self,
+        sub: Subscription,
+        sink: Sink,
+        router: Router,
+        listener: Listener,
+        history: History,
+        reader: LogReader,
+        done: Position,
+        first: Change | None = None,
+    ) -> None:
+        self.sub = sub
+        self._sink, self._router, self._listener, self._history, self._reader = sink, router, listener, history, reader
+        self.done = done
+        """Every row up to this position is delivered (or was not for this subscription)."""
+        self._queue: deque[Change] = deque()
+        self._after = (done[0], done[1] - 1)  # read the change log after this (tick, id): done's change is next
+        if first is not None:
+            self._queue.append(first)
+            self._after = (first.tick, first.change_id)
+        self.reads = 0
+        self.at: str | None = first.timestamp if first is not None else None
+        """The database time of the change being fed: how far behind the client is."""
+
+    async def run(self) -> None:
+        """Feed until caught up, and return with the subscription live."""
+        listener = self._listener
+        delay = 0.1
+        while not self._sink.closing:
+            head = listener.head
+            if self.done > head:
+                await listener.advanced()
+                continue
+            if self._queue:
+                if not await self._send_queued():
+                    self._join()
+                    return
+                continue
+            if self._after >= head[:2]:
+                self._join()
+                return
+            try:
+                self._fetch(head) if self._history.covers(self._after) else await self._read(head)
+            except Pruned:
+                self._join()
+                self._sink.send(frames.text_frame(protocol.resync_required(self.sub.collection)))
+                return
+            except DatabaseUnavailable as exc:
+                log.debug("catching up waits for the database: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            delay = 0.1
+
+    def _join(self) -> None:
+        """Rejoin the live stream after the listener's head; call only with nothing up to it left to send."""
+        self.done = self._listener.head
+        self._queue.clear()
+        self._router.attach(self.sub)
+
+    def _fetch(self, head: Position) -> None:
+        changes = self._history.after(self._after, PAGE)
+        self._queue.extend(c for c in changes if c.collection == self.sub.collection)
+        self._after = (changes[-1].tick, changes[-1].change_id) if len(changes) == PAGE else (head[0], head[1])
+
+    async def _read(self, head: Position) -> None:
+        changes, reached = await self._reader.read(self._after, head[0], self.sub.collection)
+        self.reads += 1
+        self._queue.extend(changes)
+        # A read that found nothing new has looked at every tick up to the head's.
+        self._after = reached if reached > self._after else (head[0], MAX_ID)
+
+    async def _send_queued(self) -> bool:
+        """Send queued rows up to the listener's head; False when the next row is beyond it."""
+        while self._queue:
+            change = self._queue[0]
+            self.at = change.timestamp
+            for row in range(change.units):
+                position = change.position(row)
+                if position <= self.done:
+                    continue
+                if position > self._listener.head:
+                    return False
+                frame = self._router.frame_for(self.sub, change, row)
+                if frame is not None:
+                    await self._sink.send_paced(frame)
+                    if self._sink.closing:
+                        return True
+                self.done = position
+            self._queue.popleft()
+        return True
