@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from pgbridge import __version__
+from pgbridge import __version__, changelog
 from pgbridge.auth import TokenPolicy, mint
 from pgbridge.config import Settings, add_dsn_flag, add_serve_flags, settings_from_args
 from pgbridge.errors import ConfigError, PgBridgeError
@@ -125,8 +125,26 @@ def _policy(settings: Settings) -> TokenPolicy:
     )
 
 
+async def _check_schema(dsn: str | None) -> None:
+    """Refuse to start on a database whose pgbridge schema this bridge cannot read.
+
+    A database that cannot be reached yet is not refused: the bridge waits for it.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        log.warning("cannot reach PostgreSQL yet (%s); serving, and connecting when it is up", exc)
+        return
+    try:
+        await changelog.check_schema(conn)
+    finally:
+        await conn.close()
+
+
 def _serve(settings: Settings, banner: str | None = None) -> None:
-    app = create_app(settings, _policy(settings))
+    policy = _policy(settings)
+    asyncio.run(_check_schema(settings.dsn))
+    app = create_app(settings, policy)
     url = f"ws://{settings.host}:{settings.port}{WS_PATH}"
 
     def ready(_msg: str) -> None:

@@ -57,4 +57,6 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             applied.append(m.name)
         return applied
     finally:
+        if conn.is_in_transaction():  # a file failed inside its BEGIN ... COMMIT: end it, keep its error
+            await conn.execute("ROLLBACK")
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATE_LOCK)

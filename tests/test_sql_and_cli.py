@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -209,3 +210,87 @@ def test_serve_says_when_it_cannot_listen_or_read_its_key(tmp_path: Path) -> Non
     done = pgbridge("serve", "--jwt-public-key", str(missing), "--dsn", "postgresql://x@127.0.0.1:1/x")
     assert done.returncode == 2
     assert f"cannot read the JWT public key {missing}: No such file or directory" in done.stderr
+
+
+PREVIOUS_RELEASE = "6ef11ac"  # pgbridge 0.1.0: schema 001, positions from a commit-order lock
+
+
+def _previous_release(tmp_path: Path) -> Path:
+    """The previous release's source, from this repository's history."""
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], check=False)
+    if found.returncode != 0:
+        pytest.skip(f"release {PREVIOUS_RELEASE} is not in this clone's history (a shallow clone?)")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "pgbridge"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    return tmp_path
+
+
+async def test_the_previous_release_refuses_the_new_schema_clearly(dsn: str, tmp_path: Path) -> None:
+    import aiohttp
+
+    old = _previous_release(tmp_path)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(old), "DATABASE_URL": dsn, "PGBRIDGE_JWT_SECRET": SECRET,
+           "PGBRIDGE_PORT": str(port)}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pgbridge", "serve", env=env, cwd=old, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        body: dict[str, str] = {}
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        body = await resp.json()
+                        if resp.status == 503 and "schema" in str(body.get("database")):
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert "pgbridge schema version 2, which pgbridge 0.1 cannot read" in body["database"], body
+    finally:
+        proc.terminate()
+        output = (await proc.communicate())[0].decode()
+    assert "Upgrade the bridge" in output or "cannot read" in output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_serve_refuses_a_schema_it_cannot_read(cluster: Cluster, empty_dsn: str) -> None:
+    psql(cluster, empty_dsn, f"\\i {ROOT / 'sql' / '001_change_log.sql'}")  # what the previous release installed
+    older = pgbridge("serve", "--dsn", empty_dsn, "--jwt-secret", SECRET)
+    assert older.returncode == 2
+    assert "schema version 1, older than this bridge needs (2): run `pgbridge migrate`" in older.stderr
+    assert pgbridge("migrate", "--dsn", empty_dsn).returncode == 0
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute(
+            """INSERT INTO pgbridge.migrations VALUES (3, '003_from_the_future');
+               CREATE OR REPLACE FUNCTION pgbridge.log_format() RETURNS integer LANGUAGE sql AS 'SELECT 3'"""
+        )
+    finally:
+        await conn.close()
+    newer = pgbridge("serve", "--dsn", empty_dsn, "--jwt-secret", SECRET)
+    assert newer.returncode == 2
+    assert "whose change log (format 3) this bridge cannot read (format 2): upgrade pgbridge" in newer.stderr
+
+
+async def test_a_failing_migration_reports_its_own_error(cluster: Cluster, empty_dsn: str) -> None:
+    psql(cluster, empty_dsn, f"\\i {ROOT / 'sql' / '001_change_log.sql'}")
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute("CREATE TABLE pgbridge.ticks (unrelated int)")  # 002 will not be able to use it
+    finally:
+        await conn.close()
+    done = pgbridge("migrate", "--dsn", empty_dsn)
+    assert done.returncode == 2
+    assert "002_ticks failed:" in done.stderr and "does not exist" in done.stderr
+    assert "current transaction is aborted" not in done.stderr
