@@ -120,9 +120,12 @@ BEGIN
 END
 $$;
 
--- Statement-level capture. Names of the user's table can never be captured here: rows are referenced
--- as whole rows of the transition tables (pgbridge_new.*), plpgsql variables win over column names,
--- and every other name in the SQL text is an alias of pgbridge's own subqueries.
+-- Statement-level capture. Its arguments, set by pgbridge.publish, are the collection, whether to send
+-- a wake-up, and the hidden columns by number and by name. They can be trusted: only roles that may
+-- execute this function (the schema's owner) can attach it to a table.
+-- Names of the user's table can never be captured here: rows are referenced as whole rows of the
+-- transition tables (pgbridge_new.*), plpgsql variables win over column names, and every other name
+-- in the SQL text is an alias of pgbridge's own subqueries.
 -- An UPDATE's OLD and NEW transition tables are filled in lockstep, one pair per updated row, so the
 -- n-th old row is the n-th new row: that pairs rows whose key changed and tables without a key.
 -- Statements of up to 1000 rows and 1 MB take one INSERT; larger ones are written in chunks.
@@ -135,7 +138,8 @@ AS $$
 DECLARE
     pgb_max_rows  CONSTANT integer := 1000;
     pgb_max_bytes CONSTANT integer := 1048576;
-    pgb_pub       pgbridge.publications;
+    pgb_coll      text := TG_ARGV[0];
+    pgb_wake      boolean := TG_ARGV[1];
     pgb_hidden    text[];
     pgb_op        text;
     pgb_written   bigint;
@@ -145,39 +149,35 @@ DECLARE
     pgb_line      text;
     pgb_rows      refcursor;
 BEGIN
-    SELECT * INTO pgb_pub FROM pgbridge.publications p WHERE p.relid = TG_RELID;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO pgbridge.changes (collection, op, nrows, body) VALUES (pgb_pub.collection, 'truncate', 0, '');
-        IF pgb_pub.wake THEN
+        INSERT INTO pgbridge.changes (collection, op, nrows, body) VALUES (pgb_coll, 'truncate', 0, '');
+        IF pgb_wake THEN
             PERFORM pg_notify('pgbridge', '2');
         END IF;
         RETURN NULL;
     END IF;
     pgb_op := CASE TG_OP WHEN 'INSERT' THEN 'create' WHEN 'UPDATE' THEN 'update' ELSE 'delete' END;
-    pgb_hidden := pgb_pub.excluded;
-    IF pgb_pub.excluded_attnums <> '{}' THEN
+    pgb_hidden := TG_ARGV[3]::text[];
+    IF TG_ARGV[2] <> '{}' THEN  -- hidden by number too: under their current names
         pgb_hidden := pgb_hidden || ARRAY(SELECT a.attname::text FROM pg_attribute a
-                                          WHERE a.attrelid = TG_RELID AND a.attnum = ANY (pgb_pub.excluded_attnums)
+                                          WHERE a.attrelid = TG_RELID AND a.attnum = ANY (TG_ARGV[2]::smallint[])
                                             AND NOT a.attisdropped);
     END IF;
 
     IF TG_OP = 'INSERT' THEN
         INSERT INTO pgbridge.changes (collection, op, nrows, body)
-        SELECT pgb_pub.collection, pgb_op, count(*), string_agg(s.line, E'\n')
+        SELECT pgb_coll, pgb_op, count(*), string_agg(s.line, E'\n')
         FROM (SELECT (to_jsonb(pgbridge_new.*) - pgb_hidden)::text AS line FROM pgbridge_new LIMIT 1001) s
         HAVING count(*) BETWEEN 1 AND pgb_max_rows AND sum(octet_length(s.line)) <= pgb_max_bytes;
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO pgbridge.changes (collection, op, nrows, body)
-        SELECT pgb_pub.collection, pgb_op, count(*), string_agg(s.line, E'\n')
+        SELECT pgb_coll, pgb_op, count(*), string_agg(s.line, E'\n')
         FROM (SELECT (to_jsonb(pgbridge_old.*) - pgb_hidden)::text AS line FROM pgbridge_old LIMIT 1001) s
         HAVING count(*) BETWEEN 1 AND pgb_max_rows AND sum(octet_length(s.line)) <= pgb_max_bytes;
     ELSE
         -- An update that changed only hidden columns is not a change anyone may see: it is left out.
         INSERT INTO pgbridge.changes (collection, op, nrows, body)
-        SELECT pgb_pub.collection, pgb_op, count(*) FILTER (WHERE s.shown),
+        SELECT pgb_coll, pgb_op, count(*) FILTER (WHERE s.shown),
                string_agg(s.line, E'\n' ORDER BY s.i) FILTER (WHERE s.shown)
         FROM (SELECT nw.i, nw.vis::text || E'\n' || od.vis::text AS line,
                      nw.vis <> od.vis OR nw.whole = od.whole AS shown
@@ -216,7 +216,7 @@ BEGIN
             pgb_bytes := pgb_bytes + octet_length(pgb_line);
             IF pgb_n >= pgb_max_rows OR pgb_bytes >= pgb_max_bytes THEN
                 INSERT INTO pgbridge.changes (collection, op, nrows, body)
-                VALUES (pgb_pub.collection, pgb_op, pgb_n, array_to_string(pgb_lines, E'\n'));
+                VALUES (pgb_coll, pgb_op, pgb_n, array_to_string(pgb_lines, E'\n'));
                 pgb_written := pgb_written + 1;
                 pgb_lines := '{}';
                 pgb_n := 0;
@@ -226,15 +226,48 @@ BEGIN
         CLOSE pgb_rows;
         IF pgb_n > 0 THEN
             INSERT INTO pgbridge.changes (collection, op, nrows, body)
-            VALUES (pgb_pub.collection, pgb_op, pgb_n, array_to_string(pgb_lines, E'\n'));
+            VALUES (pgb_coll, pgb_op, pgb_n, array_to_string(pgb_lines, E'\n'));
             pgb_written := pgb_written + 1;
         END IF;
     END IF;
     -- The payload is the log format; a bridge reads nothing from it (any role can NOTIFY).
-    IF pgb_written > 0 AND pgb_pub.wake THEN
+    IF pgb_written > 0 AND pgb_wake THEN
         PERFORM pg_notify('pgbridge', '2');
     END IF;
     RETURN NULL;
+END
+$$;
+
+-- Attaches capture to a published table (its four triggers), with the publication as arguments.
+CREATE OR REPLACE FUNCTION pgbridge.attach_v2(tbl regclass) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    pub    record;
+    target text;
+    args   text;
+BEGIN
+    SELECT p.*, format('%I.%I', n.nspname, c.relname) AS target INTO pub
+    FROM pgbridge.publications p JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.relid = tbl;
+    args := format('%L, %L, %L, %L', pub.collection, pub.wake, pub.excluded_attnums, pub.excluded);
+    target := pub.target;
+    EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_insert ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_update ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_delete ON %s', target);
+    EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_truncate ON %s', target);
+    EXECUTE format('CREATE TRIGGER pgbridge_capture_insert AFTER INSERT ON %s '
+                   'REFERENCING NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgbridge.capture_v2(%s)', target, args);
+    EXECUTE format('CREATE TRIGGER pgbridge_capture_update AFTER UPDATE ON %s '
+                   'REFERENCING OLD TABLE AS pgbridge_old NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgbridge.capture_v2(%s)', target, args);
+    EXECUTE format('CREATE TRIGGER pgbridge_capture_delete AFTER DELETE ON %s '
+                   'REFERENCING OLD TABLE AS pgbridge_old FOR EACH STATEMENT '
+                   'EXECUTE FUNCTION pgbridge.capture_v2(%s)', target, args);
+    EXECUTE format('CREATE TRIGGER pgbridge_capture_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture_v2(%s)', target, args);
 END
 $$;
 
@@ -250,7 +283,6 @@ DECLARE
     coll    text;
     missing text;
     holder  regclass;
-    target  text;
 BEGIN
     SELECT c.relname, c.relkind, n.nspname INTO rel
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
@@ -294,18 +326,7 @@ BEGIN
             ARRAY(SELECT a.attnum FROM pg_attribute a
                   WHERE a.attrelid = tbl AND a.attname = ANY (exclude) AND a.attnum > 0 AND NOT a.attisdropped),
             wake);
-    target := format('%I.%I', rel.nspname, rel.relname);
-    EXECUTE format('CREATE TRIGGER pgbridge_capture_insert AFTER INSERT ON %s '
-                   'REFERENCING NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture_v2()', target);
-    EXECUTE format('CREATE TRIGGER pgbridge_capture_update AFTER UPDATE ON %s '
-                   'REFERENCING OLD TABLE AS pgbridge_old NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture_v2()', target);
-    EXECUTE format('CREATE TRIGGER pgbridge_capture_delete AFTER DELETE ON %s '
-                   'REFERENCING OLD TABLE AS pgbridge_old FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION pgbridge.capture_v2()', target);
-    EXECUTE format('CREATE TRIGGER pgbridge_capture_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture_v2()', target);
+    PERFORM pgbridge.attach_v2(tbl);
     PERFORM pg_notify('pgbridge_publications', coll);
     RETURN coll;
 END
@@ -387,28 +408,13 @@ BEGIN
     -- resync (resync_required) instead of being replayed in a different order.
     DELETE FROM pgbridge.changes;
     DELETE FROM pgbridge.publications p WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.relid);
-    FOR pub IN SELECT p.relid, format('%I.%I', n.nspname, c.relname) AS target, p.excluded
-               FROM pgbridge.publications p JOIN pg_class c ON c.oid = p.relid
-               JOIN pg_namespace n ON n.oid = c.relnamespace LOOP
-        EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_insert ON %s', pub.target);
-        EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_update ON %s', pub.target);
-        EXECUTE format('DROP TRIGGER IF EXISTS pgbridge_capture_delete ON %s', pub.target);
-        EXECUTE format('CREATE TRIGGER pgbridge_capture_insert AFTER INSERT ON %s '
-                       'REFERENCING NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                       'EXECUTE FUNCTION pgbridge.capture_v2()', pub.target);
-        EXECUTE format('CREATE TRIGGER pgbridge_capture_update AFTER UPDATE ON %s '
-                       'REFERENCING OLD TABLE AS pgbridge_old NEW TABLE AS pgbridge_new FOR EACH STATEMENT '
-                       'EXECUTE FUNCTION pgbridge.capture_v2()', pub.target);
-        EXECUTE format('CREATE TRIGGER pgbridge_capture_delete AFTER DELETE ON %s '
-                       'REFERENCING OLD TABLE AS pgbridge_old FOR EACH STATEMENT '
-                       'EXECUTE FUNCTION pgbridge.capture_v2()', pub.target);
-        EXECUTE format('CREATE TRIGGER pgbridge_capture_truncate AFTER TRUNCATE ON %s '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture_v2()', pub.target);
+    FOR pub IN SELECT p.relid, p.excluded FROM pgbridge.publications p LOOP
         UPDATE pgbridge.publications p
         SET excluded_attnums = ARRAY(SELECT a.attnum FROM pg_attribute a
                                      WHERE a.attrelid = pub.relid AND a.attname = ANY (pub.excluded)
                                        AND a.attnum > 0 AND NOT a.attisdropped)
         WHERE p.relid = pub.relid;
+        PERFORM pgbridge.attach_v2(pub.relid);
     END LOOP;
     DROP FUNCTION IF EXISTS pgbridge.capture() CASCADE;  -- and triggers attached to it by hand
     DROP FUNCTION IF EXISTS pgbridge.emit(text, text, integer, text);

@@ -234,21 +234,23 @@ async def test_leeway_tolerates_clock_skew(dsn: str, posts: str) -> None:
         await running.stop()
 
 
-async def test_a_capture_trigger_attached_by_hand_cannot_forge_a_collection(
-    bridge: RunningBridge, db: asyncpg.Connection
-) -> None:
-    await db.execute(
-        """CREATE TABLE mine (title text);
-           CREATE TRIGGER forge AFTER INSERT ON mine REFERENCING NEW TABLE AS pgbridge_new
-           FOR EACH STATEMENT EXECUTE FUNCTION pgbridge.capture_v2()"""
-    )
-    async with bridge.connect() as ws:
-        await subscribe(ws, "posts")
-        await db.execute("INSERT INTO mine VALUES ('forged')")
-        await db.execute("INSERT INTO posts (title) VALUES ('real')")
-        assert (await recv(ws))["data"]["title"] == "real"
-        await assert_silent(ws, 0.3)
-    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 1
+async def test_only_pgbridge_can_attach_its_capture_to_a_table(dsn: str, db: asyncpg.Connection) -> None:
+    """A role that owns a table cannot attach pgbridge's capture to it to forge changes of a collection."""
+    role = f"owner_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}")
+    owner = await asyncpg.connect(dsn.replace("postgres:@", f"{role}:@"))
+    try:
+        await owner.execute("CREATE TABLE mine (title text)")
+        for function in ("pgbridge.capture_v2('posts', 'true', '{}', '{}')", "pgbridge.capture()"):
+            with pytest.raises((asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedFunctionError)):
+                await owner.execute(
+                    "CREATE TRIGGER forge AFTER INSERT ON mine REFERENCING NEW TABLE AS pgbridge_new "
+                    f"FOR EACH STATEMENT EXECUTE FUNCTION {function}"
+                )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await owner.execute("SELECT pgbridge.publish('mine', collection => 'posts2')")
+    finally:
+        await owner.close()
 
 
 async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
