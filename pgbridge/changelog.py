@@ -10,6 +10,7 @@ caller, which treats them as the database being unavailable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -25,8 +26,10 @@ LOG_FORMAT = 2
 SCHEMA_VERSION = 2
 """The oldest schema (``pgbridge.migrations``) that has everything this bridge uses."""
 
-PAGE = 64
-"""At most this many change-log entries per read (each holds at most 1000 rows or about 1 MB)."""
+PAGE = 1000
+"""At most this many change-log entries per read..."""
+PAGE_BYTES = 4 << 20
+"""...and about this many bytes of rows (past them, one more entry: each holds at most about 1 MB)."""
 
 
 class Pruned(PgBridgeError):
@@ -67,9 +70,30 @@ async def check_schema(conn: asyncpg.Connection) -> None:
 async def tick(conn: asyncpg.Connection) -> int:
     """Record a tick if transactions with changes committed since the last one; return the newest tick.
 
-    Must run outside a transaction block: the tick commits (durably) before anyone reads its batch.
+    Must run outside a transaction block. The tick may commit without waiting for its WAL to be flushed
+    (the listener's session does so): call :func:`durable` before routing its batch.
     """
     return int(await conn.fetchval("SELECT pgbridge.tick_v2()"))
+
+
+async def durable(conn: asyncpg.Connection, patience: float) -> bool:
+    """Wait until everything committed so far, ticks included, is flushed to disk; True if it forced it.
+
+    A tick whose commit is lost in a crash would be taken again with another snapshot, and the positions
+    clients saw would change. Writers' commits flush the WAL all the time, so under load this waits for
+    one of them instead of paying a flush of its own; after ``patience`` seconds it commits a transaction
+    synchronously, which flushes everything before it.
+    """
+    target = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
+    deadline = asyncio.get_running_loop().time() + patience
+    delay = patience / 8
+    while await conn.fetchval("SELECT pg_current_wal_flush_lsn()") < target:
+        if asyncio.get_running_loop().time() >= deadline:
+            await conn.execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT")
+            return True
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, patience)
+    return False
 
 
 async def newest_tick(conn: asyncpg.Connection) -> int:
@@ -80,7 +104,7 @@ async def newest_tick(conn: asyncpg.Connection) -> int:
 # or part of one large tick, and sorts at most about two pages of entries: each tick's entries come from
 # the primary key in id order, bounded by the tick's id range.
 _READ = """
-SELECT w.oldest, w.last_tick, r.n, r.id, r.collection, r.op, r.ts, r.nrows, r.body
+SELECT w.oldest, w.last_tick, r.n, r.id, r.collection, r.op, r.ts, r.nrows, r.body, r.cut
 FROM (
     SELECT (SELECT min(n) FROM pgbridge.ticks) AS oldest,
            (SELECT max(s.n) FROM (SELECT t.n, sum(t.changes) OVER (ORDER BY t.n) - t.changes AS before
@@ -89,22 +113,30 @@ FROM (
             WHERE s.before < $5) AS last_tick
 ) w
 LEFT JOIN LATERAL (
-    SELECT t.n, c.id, c.collection, c.op, pgbridge.iso(c.changed_at) AS ts, c.nrows, c.body
-    FROM pgbridge.ticks t
-    JOIN pgbridge.ticks p ON p.n = t.n - 1
-    CROSS JOIN LATERAL (
-        SELECT c.id, c.collection, c.op, c.changed_at, c.nrows, c.body
-        FROM pgbridge.changes c
-        WHERE c.id BETWEEN t.min_id AND t.max_id AND (t.n > $1 OR c.id > $2)
-          AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
-          AND ($4::text IS NULL OR c.collection = $4)
-        ORDER BY c.id
+    SELECT p.*, p.listed > count(*) OVER () AS cut
+    FROM (
+        SELECT t.n, c.id, c.collection, c.op, pgbridge.iso(c.changed_at) AS ts, c.nrows, c.body,
+               sum(octet_length(c.body)) OVER (ORDER BY t.n, c.id) - octet_length(c.body) AS before,
+               count(*) OVER () AS listed
+        FROM pgbridge.ticks t
+        JOIN pgbridge.ticks p ON p.n = t.n - 1
+        CROSS JOIN LATERAL (
+            SELECT c.id, c.collection, c.op, c.changed_at, c.nrows, c.body
+            FROM pgbridge.changes c
+            WHERE c.id > CASE WHEN t.n > $1 THEN t.min_id - 1 ELSE greatest($2, t.min_id - 1) END
+              AND c.id <= t.max_id
+              AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
+              AND ($4::text IS NULL OR c.collection = $4)
+            ORDER BY c.id
+            LIMIT $5
+        ) c
+        WHERE t.n >= $1 AND t.n <= w.last_tick
+        ORDER BY t.n, c.id
         LIMIT $5
-    ) c
-    WHERE t.n >= $1 AND t.n <= w.last_tick
-    ORDER BY t.n, c.id
-    LIMIT $5
+    ) p
+    WHERE p.before < $7
 ) r ON true
+ORDER BY r.n, r.id
 """
 
 
@@ -119,13 +151,13 @@ async def read(
     """
     tick_, change_id = after
     first = tick_ + 1 if change_id >= MAX_ID else tick_  # the first tick with anything left to read
-    rows = await conn.fetch(_READ, tick_, change_id, upto, collection, limit, first)
+    rows = await conn.fetch(_READ, tick_, change_id, upto, collection, limit, first, PAGE_BYTES)
     oldest, last_tick = rows[0]["oldest"], rows[0]["last_tick"]
     needed = tick_ if change_id >= MAX_ID else tick_ - 1  # the tick whose snapshot bounds what comes next
     if oldest is None or oldest > needed:
         raise Pruned(f"the change log no longer reaches back to tick {tick_}")
     found = [r for r in rows if r["id"] is not None]
-    if len(found) == limit:
+    if len(found) == limit or (found and found[-1]["cut"]):
         reached = (found[-1]["n"], found[-1]["id"])
     elif last_tick is not None:
         reached = (last_tick, MAX_ID)

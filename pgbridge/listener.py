@@ -45,6 +45,8 @@ class ListenerSettings:
     """Bounds every query on the connection, so that a dead connection is noticed."""
     poll_interval: float = 0.01
     """Seconds between ticks while some table is published without wake-ups."""
+    flush_patience: float = 0.001
+    """Seconds to wait for a writer's commit to flush a new tick before flushing it ourselves."""
     connect_timeout: float = 10.0
     backoff_max: float = 10.0
 
@@ -80,6 +82,7 @@ class Listener:
         self.reconnects = 0
         self.ticks_read = 0
         self.newest_tick = 0
+        self.forced_flushes = 0
         self._failures = 0
         self._ignored_at = 0.0
 
@@ -115,8 +118,8 @@ class Listener:
             command_timeout=s.probe_timeout,
             server_settings={
                 "application_name": "pgbridge-listener",
-                # A tick must commit durably before its batch is routed, and see every commit before it.
-                "synchronous_commit": "on",
+                # Ticks commit without a flush of their own (see changelog.durable), and see every commit.
+                "synchronous_commit": "off",
                 "default_transaction_isolation": "read committed",
             },
         )
@@ -175,8 +178,10 @@ class Listener:
         return self._settings.poll_interval if await changelog.any_polled(conn) else self._settings.probe_interval
 
     async def _deliver(self, conn: asyncpg.Connection, newest: int) -> None:
-        """Route every change up to tick ``newest``, page by page."""
+        """Route every change up to tick ``newest``, page by page, once its tick is durable."""
         assert self._after is not None
+        if newest > self.newest_tick:
+            self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
         self.newest_tick = newest
         loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):

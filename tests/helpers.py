@@ -60,6 +60,11 @@ class Cluster:
         return self.base_dsn.replace("/postgres?", f"/{database}?")
 
     @property
+    def bin_path(self) -> str:
+        """The directory of the server's programs (pgbench, psql, pg_ctl)."""
+        return str(self._server.bin_path)
+
+    @property
     def psql(self) -> str:
         return shutil.which("psql") or str(Path(self._server.bin_path) / "psql")
 
