@@ -38,7 +38,7 @@ from tests.helpers import (
 POSTS = "CREATE TABLE posts (id bigserial PRIMARY KEY, title text); SELECT pgbridge.publish('posts')"
 
 
-async def write_for(dsn: str, stop: asyncio.Event, writer: int, *, long_tx: bool = False) -> int:
+async def write_for(dsn: str, stop: asyncio.Event, writer: int, *, long_tx: bool = False, pad: int = 0) -> int:
     """Commit, roll back and interleave transactions until ``stop``; survive a database that goes away."""
     rng = random.Random(writer)
     done = 0
@@ -50,9 +50,11 @@ async def write_for(dsn: str, stop: asyncio.Event, writer: int, *, long_tx: bool
             async with conn.transaction():
                 for _ in range(rng.randint(1, 3)):
                     await conn.execute(
-                        "INSERT INTO posts (title) SELECT $1 || '-' || g FROM generate_series(1, $2) g",
+                        "INSERT INTO posts (title) SELECT $1 || '-' || g || repeat('x', $3)"
+                        " FROM generate_series(1, $2) g",
                         f"w{writer}",
                         rng.randint(1, 5),
+                        pad,
                     )
                 if long_tx:
                     await asyncio.sleep(rng.uniform(0.05, 0.3))  # overlaps many other commits
@@ -238,8 +240,9 @@ def _free_port() -> int:
 class BridgeProcess:
     """``pgbridge serve`` as its own process, as it runs in production."""
 
-    def __init__(self, dsn: str, port: int) -> None:
-        env = {**os.environ, "DATABASE_URL": dsn, "PGBRIDGE_JWT_SECRET": SECRET, "PGBRIDGE_PORT": str(port)}
+    def __init__(self, dsn: str, port: int, env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, **(env or {})}
+        env.update(DATABASE_URL=dsn, PGBRIDGE_JWT_SECRET=SECRET, PGBRIDGE_PORT=str(port))
         self.port = port
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pgbridge", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
