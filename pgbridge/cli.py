@@ -7,8 +7,9 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from pgbridge.auth import TokenPolicy, mint
 from pgbridge.config import Settings, add_dsn_flag, add_serve_flags, settings_from_args
 from pgbridge.errors import ConfigError, PgBridgeError
 from pgbridge.migrate import migrate
-from pgbridge.server import WS_PATH, create_app
+from pgbridge.server import WS_PATH, create_app, runner
 
 log = logging.getLogger("pgbridge")
 
@@ -147,25 +148,32 @@ def _serve(settings: Settings, banner: str | None = None) -> None:
     app = create_app(settings, policy)
     url = f"ws://{settings.host}:{settings.port}{WS_PATH}"
 
-    def ready(_msg: str) -> None:
+    def ready() -> None:
         log.info("serving %s", url)
         if banner:
             print(banner, flush=True)
 
     try:
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            print=ready,
-            shutdown_timeout=5,
-            access_log=None,
-            keepalive_timeout=settings.handshake_timeout,
-        )
+        asyncio.run(_run(runner(app), settings, ready))
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (choose another --port)"
         ) from None
+
+
+async def _run(served: web.AppRunner, settings: Settings, ready: Callable[[], None]) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down in order: clients closed with 1001, tasks stopped."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await served.setup()
+    try:
+        await web.TCPSite(served, settings.host, settings.port).start()
+        ready()
+        await stop.wait()
+    finally:
+        await served.cleanup()
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ by (:attr:`RowFilter.index`): the values of an equality or ``in``, else a numeri
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -69,13 +70,19 @@ def value_key(value: Any) -> Hashable:
 
 
 class _Operand:
-    """A filter operand with its timestamp reading worked out once."""
+    """A filter operand with its timestamp reading (and so its :func:`value_key`) worked out once."""
 
     __slots__ = ("instant", "value")
 
     def __init__(self, value: Any) -> None:
         self.value = value
         self.instant = _timestamp(value)
+
+    @property
+    def key(self) -> Hashable:
+        if self.instant is not None:
+            return ("t", self.instant.tzinfo is not None, self.instant)
+        return value_key(self.value)
 
     def compare(self, other: Any) -> int | None:
         """Order ``other`` (a row value) against this operand: -1, 0, 1, or None when incomparable."""
@@ -134,7 +141,7 @@ def _predicate(column: str, op: str, operand: Any) -> tuple[Predicate, Index]:
             raise bad("a string, number, boolean or null")
         o = _Operand(operand)
         if op == "eq":
-            return o.equals, Equality(column, frozenset((value_key(operand),)))
+            return o.equals, Equality(column, frozenset((o.key,)))
         return (lambda v: not o.equals(v)), None
     if op == "in":
         if not isinstance(operand, list) or not operand or len(operand) > MAX_IN_VALUES:
@@ -142,7 +149,7 @@ def _predicate(column: str, op: str, operand: Any) -> tuple[Predicate, Index]:
         if not all(_scalar(x) for x in operand):
             raise bad("a list of strings, numbers, booleans or nulls")
         options = [_Operand(x) for x in operand]
-        return (lambda v: any(o.equals(v) for o in options)), Equality(column, frozenset(map(value_key, operand)))
+        return (lambda v: any(o.equals(v) for o in options)), Equality(column, frozenset(o.key for o in options))
     if operand is None or not _scalar(operand):
         raise bad("a string, number or boolean")
     o = _Operand(operand)
@@ -179,11 +186,23 @@ MATCH_ALL = RowFilter(b"{}", ())
 
 
 def compile_filter(spec: object) -> RowFilter:
-    """Validate a client's filter; raise :class:`ProtocolError` naming the problem."""
+    """Validate a client's filter; raise :class:`ProtocolError` naming the problem.
+
+    Equal filters (as JSON with sorted keys) compile once: many clients often ask for the same one.
+    """
     if spec is None:
         return MATCH_ALL
     if not isinstance(spec, dict):
         raise ProtocolError("Invalid filter: must be an object mapping column names to conditions")
+    return _compiled(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS))
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: bytes) -> RowFilter:
+    return _compile(orjson.loads(key), key)
+
+
+def _compile(spec: dict[str, Any], key: bytes) -> RowFilter:
     conditions: list[tuple[str, Predicate]] = []
     indexes: list[Index] = []
     cost = 0
@@ -216,4 +235,4 @@ def compile_filter(spec: object) -> RowFilter:
     equalities = [i for i in indexes if isinstance(i, Equality)]
     bounds = [i for i in indexes if isinstance(i, Bound)]
     best: Index = min(equalities, key=lambda e: len(e.keys)) if equalities else (bounds[0] if bounds else None)
-    return RowFilter(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS), tuple(conditions), best, cost)
+    return RowFilter(key, tuple(conditions), best, cost)

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from pgbridge import changelog, frames, protocol
 from pgbridge.auth import Grant, TokenPolicy
@@ -597,6 +598,37 @@ async def _close_clients(app: web.Application) -> None:
     await asyncio.gather(
         *(conn.close(1001, "Server shutting down") for conn in list(bridge.connections)), return_exceptions=True
     )
+
+
+class _ClientErrors(logging.Filter):
+    """aiohttp logs a malformed or abandoned request at ERROR with a traceback: the client's doing, not
+    the server's, and the request line may hold a token. Keep one line a minute, at DEBUG, without it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError | ConnectionError):
+            return True
+        now = time.monotonic()
+        if now - self._last > 60:
+            self._last = now
+            log.debug("a client sent a malformed request or left during it (%s; reported once a minute)",
+                      type(error).__name__)  # fmt: skip
+        return False
+
+
+_client_errors = _ClientErrors()
+
+
+def runner(app: web.Application) -> web.AppRunner:
+    """How the bridge's application is served: no access log (request lines hold tokens), and connections
+    that do not complete a request within ``--handshake-timeout`` are closed."""
+    settings = app[BRIDGE].settings
+    logging.getLogger("aiohttp.server").addFilter(_client_errors)
+    return web.AppRunner(app, access_log=None, keepalive_timeout=settings.handshake_timeout, shutdown_timeout=5)
 
 
 def create_app(settings: Settings, tokens: TokenPolicy) -> web.Application:

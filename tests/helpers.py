@@ -23,6 +23,7 @@ from aiohttp import web
 from pgbridge.auth import TokenPolicy
 from pgbridge.config import Settings
 from pgbridge.server import BRIDGE, WS_PATH, Bridge, create_app
+from pgbridge.server import runner as serving
 
 SECRET = "test-secret-with-enough-bytes-for-hs256!"
 _names = itertools.count()
@@ -111,7 +112,7 @@ class RunningBridge:
         await self.runner.cleanup()
 
 
-async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
+async def start_bridge(dsn: str, *, wait: bool = True, **overrides: Any) -> RunningBridge:
     policy = overrides.pop("policy", None)
     settings = Settings(dsn=dsn, host="127.0.0.1", jwt_secret=SECRET, **{"port": 0, **overrides})
     policy = policy or TokenPolicy.from_settings(
@@ -121,13 +122,14 @@ async def start_bridge(dsn: str, **overrides: Any) -> RunningBridge:
         leeway=settings.jwt_leeway,
     )
     app = create_app(settings, policy)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5, keepalive_timeout=settings.handshake_timeout)
+    runner = serving(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port)
     await site.start()
     port = runner.addresses[0][1]
     running = RunningBridge(app, runner, port, dsn)
-    await wait_for(lambda: running.bridge.listener.connected, what="listener to connect")
+    if wait:
+        await wait_for(lambda: running.bridge.listener.connected, what="listener to connect")
     return running
 
 
@@ -199,6 +201,17 @@ async def assert_silent(ws: Any, seconds: float = 0.5) -> None:
             raise AssertionError(f"unexpected message {message}")
     except TimeoutError:
         pass
+
+
+async def raw_upgrade(port: int, tok: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket upgrade done by hand: a peer that sends and answers exactly what a test makes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {WS_PATH}?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
 
 
 def fresh_name(prefix: str = "t") -> str:

@@ -17,6 +17,7 @@ import websockets
 from pgbridge import changelog
 from tests.helpers import (
     Ledger,
+    raw_upgrade,
     recv,
     start_bridge,
     subscribe,
@@ -191,13 +192,7 @@ async def test_catching_up_survives_a_listener_reconnect_and_pruning(dsn: str, d
 async def test_a_peer_that_does_not_answer_pings_is_closed(dsn: str, posts: str) -> None:
     running = await start_bridge(dsn, ping_interval=0.5)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
-        writer.write(
-            f"GET /api/v1/realtime/ws?token={token()} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        reader, writer = await raw_upgrade(running.port, token())
         await wait_for(lambda: len(running.bridge.connections) == 1, what="the connection")
         started = time.monotonic()
         # the peer answers no ping (it reads, but never writes): what a half-open connection looks like

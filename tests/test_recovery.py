@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +240,18 @@ def _free_port() -> int:
 class BridgeProcess:
     """``pgbridge serve`` as its own process, as it runs in production."""
 
-    def __init__(self, dsn: str, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, dsn: str, port: int, env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None
+    ) -> None:
         env = {**os.environ, **(env or {})}
         env.update(DATABASE_URL=dsn, PGBRIDGE_JWT_SECRET=SECRET, PGBRIDGE_PORT=str(port))
         self.port = port
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgbridge", "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "pgbridge", "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
         )
 
     async def ready(self) -> None:

@@ -1,0 +1,382 @@
+"""Hostile clients: one token must not be able to freeze, flood or probe the bridge.
+
+The heavy cases run the bridge as its own process, as in production, so that its event loop and its
+memory are measured apart from the many clients attacking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import jwt
+import pytest
+import websockets
+
+from tests.helpers import (
+    SECRET,
+    RunningBridge,
+    close_frame,
+    raw_upgrade,
+    recv,
+    send,
+    start_bridge,
+    subscribe,
+    token,
+    until_quiet,
+    wait_for,
+)
+from tests.test_recovery import BridgeProcess, _free_port
+
+POSTS = """CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id int,
+                               created_at timestamptz DEFAULT now(), account text);
+           SELECT pgbridge.publish('posts')"""
+
+
+@pytest.fixture
+async def process(dsn: str, db: asyncpg.Connection) -> AsyncIterator[BridgeProcess]:
+    await db.execute(POSTS)
+    bridge = BridgeProcess(dsn, _free_port())
+    try:
+        await bridge.ready()
+        yield bridge
+    finally:
+        if bridge.proc.poll() is None:
+            bridge.proc.kill()
+        bridge.proc.wait()
+
+
+HEALTH_WATCH = """
+import sys, time, urllib.request
+url, slowest = sys.argv[1], 0.0
+while True:
+    started = time.monotonic()
+    urllib.request.urlopen(url, timeout=30).read()
+    slowest = max(slowest, time.monotonic() - started)
+    print(slowest, flush=True)
+    time.sleep(0.1)
+"""
+
+
+class HealthWatch:
+    """Polls /healthz all along from a process of its own (not held up by this one), keeps the slowest."""
+
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HEALTH_WATCH, f"http://127.0.0.1:{port}/healthz"], stdout=subprocess.PIPE, text=True
+        )
+
+    def stop(self) -> float:
+        self.proc.terminate()
+        lines = self.proc.communicate()[0].split()
+        return float(lines[-1]) if lines else float("inf")
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def _connect_many(url: str, count: int, **kwargs: Any) -> list[Any]:
+    sockets = []
+    for start in range(0, count, 100):
+        sockets += await asyncio.gather(
+            *(websockets.connect(url, **kwargs) for _ in range(start, min(count, start + 100)))
+        )
+    return sockets
+
+
+async def test_costly_filters_from_many_connections_do_not_freeze_the_bridge(
+    process: BridgeProcess, db: asyncpg.Connection
+) -> None:
+    count = int(os.environ.get("PGBRIDGE_FLOOD_CONNECTIONS", "1000"))
+    stamps = [f"2026-01-01T{h:02d}:{m:02d}:00+00:00" for h in range(10) for m in range(10)]
+    flt = {"created_at": {"in": stamps}}
+    health = HealthWatch(process.port)
+    clients = []
+    try:
+        # many subjects: each token stays under its own connection limit
+        for group in range(0, count, 50):
+            clients += await _connect_many(process.url(token(sub=f"attacker{group}")), 50)
+        for ws in clients:
+            await send(ws, {"action": "subscribe", "collection": "posts", "filter": flt})
+        for ws in clients:
+            assert (await recv(ws))["status"] == "subscribed"
+        async with websockets.connect(process.url(token())) as honest:
+            await subscribe(honest, "posts", filter={"title": "marker"})
+            await db.execute("INSERT INTO posts (title) SELECT 'row ' || g FROM generate_series(1, 100) g")
+            started = time.monotonic()
+            await db.execute("INSERT INTO posts (title) VALUES ('marker')")
+            assert (await recv(honest, 2))["data"]["title"] == "marker"
+            marker = time.monotonic() - started
+    finally:
+        slowest = health.stop()
+        for ws in clients:
+            await ws.close()
+    print(f"\n{len(clients)} connections with 100-value filters: marker after {marker * 1000:.0f} ms, "
+          f"slowest /healthz {slowest * 1000:.0f} ms")  # fmt: skip
+    assert slowest < 1.0
+
+
+async def test_resumes_for_clients_that_already_left_are_dropped(
+    process: BridgeProcess, db: asyncpg.Connection
+) -> None:
+    await db.execute("INSERT INTO posts (title) SELECT repeat('x', 500) FROM generate_series(1, 6500)")
+    first = await db.fetchval("SELECT min(id) FROM pgbridge.changes")
+    before = _rss(process.proc.pid)
+    ghosts = await _connect_many(process.url(token(sub="ghost")), 95)
+    ghosts += await _connect_many(process.url(token(sub="ghost2")), 95)
+    ghosts += await _connect_many(process.url(token(sub="ghost3")), 95)
+    for ws in ghosts:
+        await send(ws, {"action": "subscribe", "collection": "posts", "since": f"{first}.0"})
+    for ws in ghosts:
+        ws.transport.abort()  # a reset, without reading a single event
+    peak = _rss(process.proc.pid)
+    started = time.monotonic()
+    async with websockets.connect(process.url(token()), max_size=None) as honest:
+        await subscribe(honest, "posts", since=f"{first}.0")
+        first_event = await recv(honest, 2)
+        answered = time.monotonic() - started
+        assert first_event["data"]["id"] == 2
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            async with http.get(f"http://127.0.0.1:{process.port}/healthz") as resp:
+                body = await resp.json()
+            if body["clients"] == 0 and body["catching_up"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    peak = max(peak, _rss(process.proc.pid))
+    print(f"\n{len(ghosts)} resumes reset at once: a real since answered in {answered * 1000:.0f} ms, "
+          f"RSS {before / 2**20:.0f} -> {peak / 2**20:.0f} MiB")  # fmt: skip
+    assert (body["clients"], body["catching_up"]) == (0, 0), "ghost clients remained"
+    assert peak - before < 200 * 2**20
+
+
+async def test_connection_limits_shed_with_503_and_health_still_answers(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    bridge = BridgeProcess(dsn, _free_port(), {"PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "1000"}, few_files)
+    proc = bridge.proc
+    clients: list[Any] = []
+    refused = 0
+    try:
+        await bridge.ready()
+        for _ in range(250):  # more than 200 descriptors allow
+            try:
+                clients.append(await websockets.connect(bridge.url(token())))
+            except websockets.InvalidStatus as exc:
+                assert exc.response.status_code == 503
+                assert b"connection limit" in exc.response.body
+                refused += 1
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{bridge.port}/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        for ws in clients:
+            await ws.close()
+        proc.kill()
+        log = proc.communicate()[0].decode()
+    assert refused >= 50 and len(clients) >= 100
+    assert len(log.splitlines()) < 20, log[-2000:]  # one line for the limit, not one per attempt
+
+
+async def test_connections_per_token_and_filter_costs_are_limited(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, max_connections_per_subject=3, max_filter_cost=150,
+                                 max_filter_cost_per_subject=250)  # fmt: skip
+    try:
+        clients = [await running.connect(token(sub="eve")).__aenter__() for _ in range(3)]
+        async with running.connect(token(sub="eve")) as fourth:
+            assert await close_frame(fourth) == (1008, "Too many connections for this token")
+        async with running.connect(token(sub="bob")) as other:
+            await subscribe(other, "posts")  # another subject is not affected
+        big = {"author_id": {"in": list(range(100))}}
+        await subscribe(clients[0], "posts", filter=big)
+        await send(clients[0], {"action": "subscribe", "collection": "posts", "filter": {**big, "title": {"in": list(
+            map(str, range(60)))}}})  # fmt: skip
+        assert (await recv(clients[0]))["error"] == "Filters too complex: at most 150 conditions per connection"
+        await subscribe(clients[1], "posts", filter=big)
+        await send(clients[2], {"action": "subscribe", "collection": "posts", "filter": big})
+        assert (await recv(clients[2]))["error"] == "Filters too complex: at most 250 conditions per token"
+        await clients[1].close()
+        await wait_for(lambda: len(running.bridge.connections) == 2, what="a connection to go")
+        await subscribe(clients[2], "posts", filter=big)  # what a closed connection spent is returned
+        for ws in clients:
+            await ws.close()
+    finally:
+        await running.stop()
+
+
+async def test_idle_connections_can_be_closed(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, idle_timeout=1)
+    try:
+        async with running.connect() as idle, running.connect() as busy:
+            await subscribe(busy, "posts")
+            assert await close_frame(idle, timeout=5) == (1000, "No subscription for 1s")
+            await send(busy, {"action": "ping"})
+            assert (await recv(busy))["type"] == "pong"
+    finally:
+        await running.stop()
+
+
+async def test_replays_wait_their_turn_and_all_complete(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    await db.execute("INSERT INTO posts (title) SELECT 'r' || g FROM generate_series(1, 3000) g")
+    first = await db.fetchval("SELECT min(id) FROM pgbridge.changes")
+    running = await start_bridge(dsn, max_replays=1, history_bytes=1024)
+    try:
+        clients = [await running.connect().__aenter__() for _ in range(20)]
+        for ws in clients:
+            await subscribe(ws, "posts", since=f"{first}.0")
+        results = await asyncio.gather(*(until_quiet(ws, 1.5) for ws in clients))
+        assert all(len(r) == 2999 for r in results)
+        for ws in clients:
+            await ws.close()
+    finally:
+        await running.stop()
+
+
+async def test_an_empty_grant_denies_even_beside_a_wildcard(bridge: RunningBridge) -> None:
+    async with bridge.connect(token(collections={"posts": [], "*": "*"})) as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts"})
+        assert (await recv(ws))["error"] == "Collection 'posts' is not published or not allowed for this token"
+
+
+async def test_forbidden_and_unpublished_collections_look_the_same(
+    bridge: RunningBridge, db: asyncpg.Connection
+) -> None:
+    await db.execute("CREATE TABLE secrets (id int); SELECT pgbridge.publish('secrets')")
+    await asyncio.sleep(0.2)
+    async with bridge.connect(token(collections=["posts"])) as ws:
+        await send(ws, {"action": "subscribe", "collection": "secrets"})
+        forbidden = (await recv(ws))["error"]
+        await send(ws, {"action": "subscribe", "collection": "nothing"})
+        missing = (await recv(ws))["error"]
+    assert forbidden.replace("secrets", "X") == missing.replace("nothing", "X")
+
+
+async def test_tenants_are_compared_exactly(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn, tenant_claim="account", tenant_column="account")
+    try:
+        async with running.connect(token(account="2024-01-01T00:00:00Z")) as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title, account) VALUES ('other', '2024-01-01T01:00:00+01:00')")
+            await db.execute("INSERT INTO posts (title, account) VALUES ('mine', '2024-01-01T00:00:00Z')")
+            assert [e["data"]["title"] for e in await until_quiet(ws, 0.5)] == ["mine"]
+        for claim in ([1, 2], {"a": 1}):
+            async with running.connect(token(account=claim)) as ws:
+                assert await close_frame(ws) == (1008, "Invalid account claim: must be a string, number or boolean")
+    finally:
+        await running.stop()
+
+
+async def test_health_does_not_show_database_details_while_it_is_down(dsn: str, posts: str) -> None:
+    bad = dsn.replace("postgres:@", "nosuchrole_4711:@")
+    running = await start_bridge(bad, wait=False)  # the listener cannot log in: the error names the role
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
+            assert resp.status == 503
+            text = await resp.text()
+        assert "nosuchrole" not in text and "/tmp" not in text and "socket" not in text
+        await wait_for(lambda: "nosuchrole_4711" in str(running.bridge.listener.problem), what="the cause")
+    finally:
+        await running.stop()
+
+
+@pytest.mark.parametrize(
+    "since", ["9223372036854775808.0", "99999999999999999999.0", "\u0665.0", "1.\u0665", "1.1000", "1.-1"]
+)
+async def test_out_of_range_and_non_ascii_since_are_invalid(
+    bridge: RunningBridge, since: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with bridge.connect() as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts", "since": since})
+        assert (await recv(ws))["error"] == 'Invalid since: expected the "id" of an event, such as "1234.0"'
+        await subscribe(ws, "posts")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_absurd_expiry_times_do_not_crash_the_handshake(bridge: RunningBridge) -> None:
+    huge = jwt.encode({"sub": "u", "exp": 10**400, "collections": "*"}, SECRET, algorithm="HS256")
+    async with bridge.connect(huge) as ws:
+        await subscribe(ws, "posts")  # valid, signed, and very long-lived: accepted
+    for exp in ("1e400", "-1e400", "NaN", '"soon"', "true"):
+        forged = _hs256('{"sub": "u", "collections": "*", "exp": ' + exp + "}")
+        async with bridge.connect(forged) as ws:
+            assert (await close_frame(ws))[0] == 1008
+
+
+def _hs256(payload: str) -> str:
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload.encode())
+    return (signing_input + b"." + b64(hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())).decode()
+
+
+async def test_unmasked_client_frames_close_with_1002(bridge: RunningBridge) -> None:
+    reader, writer = await raw_upgrade(bridge.port, token())
+    message = b'{"action": "ping"}'
+    writer.write(bytes((0x81, len(message))) + message)  # mask bit not set
+    frame = await asyncio.wait_for(reader.read(2), 5)
+    assert frame[0] == 0x88  # a close frame...
+    body = await reader.readexactly(frame[1])
+    assert struct.unpack("!H", body[:2])[0] == 1002  # ...with 1002
+    writer.close()
+
+
+async def test_no_token_or_secret_is_ever_logged(dsn: str, posts: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    running = await start_bridge(dsn)
+    good, expired, wrong = token(), token(ttl=-60), token(secret="another-secret-another-secret-another!")
+    try:
+        for tok in (good, expired, wrong):
+            for how in ("query", "bearer", "bare"):
+                kwargs: dict[str, Any] = {}
+                url = running.url(tok) if how == "query" else running.url()
+                if how != "query":
+                    kwargs["subprotocols"] = ["bearer", tok] if how == "bearer" else [tok]
+                try:
+                    async with websockets.connect(url, **kwargs) as ws:
+                        await send(ws, {"action": "subscribe", "collection": "posts"})
+                        await asyncio.wait_for(ws.recv(), 1)
+                except (websockets.ConnectionClosed, websockets.InvalidHandshake, TimeoutError):
+                    pass
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(f"GET /api/v1/realtime/ws?token={good} HTTP/1.1\r\n\r\n".encode())  # not an upgrade
+        await reader.read()
+        writer.close()
+    finally:
+        await running.stop()
+    server_side = [r for r in caplog.records if not r.name.startswith("websockets")]  # not the test's own client
+    logged = "\n".join(r.getMessage() + str(r.exc_info or "") + str(r.args) for r in server_side)
+    assert logged  # debug logging did run
+    for secret in (good, expired, wrong, SECRET, good.split(".")[2], good.split(".")[1]):
+        assert secret not in logged
+
+
+async def test_clients_written_for_snackbase_see_their_confirmations(bridge: RunningBridge) -> None:
+    async with bridge.connect() as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts"})
+        reply = await recv(ws)
+        assert reply["type"] == "subscribed"  # what SnackBase's server sends and its SDK waits for
+        assert reply["status"] == "subscribed"  # what its documentation shows
+        await send(ws, {"action": "unsubscribe", "collection": "posts"})
+        reply = await recv(ws)
+        assert (reply["type"], reply["status"]) == ("unsubscribed", "unsubscribed")
