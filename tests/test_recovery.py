@@ -88,10 +88,11 @@ async def drain(ws: Any, ledger: Ledger, until: asyncio.Event) -> None:
 async def listener_pid(dsn: str) -> int | None:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval(
+        pid: int | None = await conn.fetchval(
             "SELECT pid FROM pg_stat_activity"
             " WHERE application_name = 'pgbridge-listener' AND datname = current_database()"
         )
+        return pid
     finally:
         await conn.close()
 

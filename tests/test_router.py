@@ -8,11 +8,12 @@ import orjson
 import pytest
 
 from pgbridge import frames
+from pgbridge.auth import ALL_OPS
 from pgbridge.events import Change
 from pgbridge.filters import RowFilter, compile_filter
 from pgbridge.router import Router, Subscription, tenant_key
 
-ALL = frozenset({"create", "update", "delete"})
+ALL = ALL_OPS
 
 
 class Sink:
@@ -33,7 +34,9 @@ class Sink:
 
 
 def counting(flt: RowFilter, calls: list[int]) -> RowFilter:
-    def count(value: object, predicate=flt.conditions[0][1]) -> bool:  # type: ignore[no-untyped-def]
+    predicate = flt.conditions[0][1]
+
+    def count(value: object) -> bool:
         calls.append(1)
         return predicate(value)
 
@@ -134,7 +137,12 @@ def test_tenants_are_exact_json_values() -> None:
     sinks = [Sink() for _ in tenants]
     for tenant, sink in zip(tenants, sinks, strict=True):
         router.add(Subscription(sink, "posts", ALL, compile_filter(None), tenant_key(tenant)))
-    rows = [{"account": "2024-01-01T01:00:00+01:00"}, {"account": "42"}, {"account": 42.0}, {"account": True}]
+    rows: list[dict[str, Any]] = [
+        {"account": "2024-01-01T01:00:00+01:00"},
+        {"account": "42"},
+        {"account": 42.0},
+        {"account": True},
+    ]
     route_all(router, change(rows))
     got = [[m["data"]["account"] for m in s.messages()] for s in sinks]
     assert got == [[], [42.0], ["42"], [True], []]
