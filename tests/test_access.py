@@ -183,7 +183,8 @@ async def test_bearer_subprotocol_carries_the_token(bridge: RunningBridge) -> No
 
 
 def _pem(key: Any) -> bytes:
-    pem: bytes = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = key.public_key()
+    pem: bytes = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem
 
 
