@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -67,13 +68,15 @@ async def check_schema(conn: asyncpg.Connection) -> None:
         )
 
 
-async def tick(conn: asyncpg.Connection) -> int:
-    """Record a tick if transactions with changes committed since the last one; return the newest tick.
+async def tick(conn: asyncpg.Connection) -> tuple[int, datetime]:
+    """Record a tick if transactions with changes committed since the last one; return the newest tick
+    and when it was taken.
 
     Must run outside a transaction block. The tick may commit without waiting for its WAL to be flushed
     (the listener's session does so): call :func:`durable` before routing its batch.
     """
-    return int(await conn.fetchval("SELECT pgbridge.tick_v2()"))
+    row = await conn.fetchrow("SELECT n, at FROM pgbridge.tick_v2()")
+    return int(row["n"]), row["at"]
 
 
 async def durable(conn: asyncpg.Connection, patience: float) -> bool:
@@ -89,7 +92,7 @@ async def durable(conn: asyncpg.Connection, patience: float) -> bool:
     delay = patience / 8
     while await conn.fetchval("SELECT pg_current_wal_flush_lsn()") < target:
         if asyncio.get_running_loop().time() >= deadline:
-            await conn.execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pg_current_xact_id(); COMMIT")
+            await conn.execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT pgbridge.flush_v2(); COMMIT")
             return True
         await asyncio.sleep(delay)
         delay = min(2 * delay, patience)
@@ -98,6 +101,12 @@ async def durable(conn: asyncpg.Connection, patience: float) -> bool:
 
 async def newest_tick(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT max(n) FROM pgbridge.ticks"))
+
+
+async def tick_time(conn: asyncpg.Connection, n: int) -> datetime | None:
+    """When tick ``n`` was taken: a tick taken again (after a crash lost it) has another time."""
+    at: datetime | None = await conn.fetchval("SELECT at FROM pgbridge.ticks WHERE n = $1", n)
+    return at
 
 
 # Ticks are taken in order of their cumulative number of entries, so that one read covers many small ticks

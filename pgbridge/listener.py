@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -73,6 +74,7 @@ class Listener:
         self._on_gap = on_gap
         self.history = history
         self._after: tuple[int, int] | None = None  # the change log is read after this (tick, id)
+        self._finished: tuple[int, datetime] | None = None  # the last tick routed whole, and when it was taken
         self.head: Position = (0, 0, 0)
         """The last row routed; ``(tick, MAX_ID, 0)`` once all of ``tick`` is."""
         self._advanced = asyncio.Event()
@@ -153,6 +155,17 @@ class Listener:
                 self._after = (newest, MAX_ID)
                 self.head = (newest, MAX_ID, 0)
                 self.history.reset(self._after)
+            elif self._finished is not None and await changelog.tick_time(conn, self._finished[0]) not in (
+                None,  # pruned: the next read says so
+                self._finished[1],
+            ):
+                # Ticks are durable before they are read, so only a database that lost committed data (a
+                # failover to a replica that lagged, fsync off) gets here: say so rather than skip.
+                log.error(
+                    "tick %d, already delivered, is not the tick the database has now: it lost committed "
+                    "data; every client is asked to resync", self._finished[0],
+                )  # fmt: skip
+                self._restart_at(await changelog.newest_tick(conn))
             self.connected, self.problem, self._failures = True, None, 0
             log.info("reading changes from tick %d", self._after[0])
             while not lost.is_set():
@@ -160,7 +173,7 @@ class Listener:
                 if republish.is_set():
                     republish.clear()
                     interval = await self._publications(conn)
-                await self._deliver(conn, await changelog.tick(conn))
+                await self._deliver(conn, *await changelog.tick(conn))
                 try:
                     async with asyncio.timeout(interval):
                         await wake.wait()
@@ -177,8 +190,8 @@ class Listener:
         self._on_publications(await changelog.publications(conn))
         return self._settings.poll_interval if await changelog.any_polled(conn) else self._settings.probe_interval
 
-    async def _deliver(self, conn: asyncpg.Connection, newest: int) -> None:
-        """Route every change up to tick ``newest``, page by page, once its tick is durable."""
+    async def _deliver(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
+        """Route every change up to tick ``newest`` (taken at ``taken``), page by page, once it is durable."""
         assert self._after is not None
         if newest > self.newest_tick:
             self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
@@ -193,10 +206,7 @@ class Listener:
                     "every client is asked to resync",
                     self._after[0],
                 )
-                self._after = (newest, MAX_ID)
-                self.head = (newest, MAX_ID, 0)
-                self.history.reset(self._after)
-                self._on_gap()
+                self._restart_at(newest)
                 break
             yielded = loop.time()
             for change in changes:
@@ -216,6 +226,15 @@ class Listener:
                 self.head = (reached[0], MAX_ID, 0)
                 self.ticks_read = reached[0]
             self._signal()
+        if self._after == (newest, MAX_ID):
+            self._finished = (newest, taken)
+
+    def _restart_at(self, newest: int) -> None:
+        """Continue after tick ``newest``; what lay between cannot be delivered, so every client resyncs."""
+        self._after = (newest, MAX_ID)
+        self.head = (newest, MAX_ID, 0)
+        self.history.reset(self._after)
+        self._on_gap()
 
     def _signal(self) -> None:
         self._advanced.set()

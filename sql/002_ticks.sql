@@ -80,28 +80,36 @@ COMMENT ON TABLE pgbridge.ticks IS
 -- A lease is a row lock a bridge holds for one short transaction; only roles that may update this
 -- table can take one, unlike an advisory lock, which any role can take and hold.
 CREATE TABLE IF NOT EXISTS pgbridge.leases (name text PRIMARY KEY);
-INSERT INTO pgbridge.leases VALUES ('prune') ON CONFLICT DO NOTHING;
+INSERT INTO pgbridge.leases VALUES ('prune'), ('flush') ON CONFLICT DO NOTHING;
 
--- Records a tick if any transaction with changes committed since the last one; returns the newest tick.
+-- Makes everything committed so far durable, run in a transaction that commits synchronously. It must
+-- write: PostgreSQL does not flush for a transaction whose only WAL is its commit record.
+CREATE OR REPLACE FUNCTION pgbridge.flush_v2() RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$ UPDATE pgbridge.leases SET name = name WHERE name = 'flush' $$;
+
+-- Records a tick if any transaction with changes committed since the last one; returns the newest tick
+-- and when it was taken (a tick taken again after a crash lost it has another time).
 -- Ticks are serialized by a lock on pgbridge.ticks, and each snapshot is taken once that lock is held,
 -- so every tick's snapshot sees everything the previous one saw.
-CREATE OR REPLACE FUNCTION pgbridge.tick_v2() RETURNS bigint
+CREATE OR REPLACE FUNCTION pgbridge.tick_v2(OUT n bigint, OUT at timestamptz)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    last_n    bigint;
-    last_snap pg_snapshot;
+    last_snap  pg_snapshot;
     last_total bigint;
-    now_snap  pg_snapshot;
-    batch     record;
+    now_snap   pg_snapshot;
+    batch      record;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'pgbridge.tick_v2() needs READ COMMITTED, not %', current_setting('transaction_isolation');
     END IF;
     LOCK TABLE pgbridge.ticks IN EXCLUSIVE MODE;
-    SELECT t.n, t.snap, t.total INTO last_n, last_snap, last_total
+    SELECT t.n, t.at, t.snap, t.total INTO n, at, last_snap, last_total
     FROM pgbridge.ticks t ORDER BY t.n DESC LIMIT 1;
     now_snap := pg_current_snapshot();
     SELECT count(*) AS changes, count(DISTINCT c.xid) AS transactions, min(c.id) AS min_id, max(c.id) AS max_id
@@ -111,12 +119,12 @@ BEGIN
            OR c.xid = ANY (ARRAY(SELECT pg_snapshot_xip(last_snap))))
       AND pg_visible_in_snapshot(c.xid, now_snap);
     IF batch.transactions = 0 THEN
-        RETURN last_n;
+        RETURN;
     END IF;
-    INSERT INTO pgbridge.ticks (n, snap, snap_xmax, min_id, max_id, changes, transactions, total)
-    VALUES (last_n + 1, now_snap, pg_snapshot_xmax(now_snap), batch.min_id, batch.max_id, batch.changes,
-            batch.transactions, last_total + batch.transactions);
-    RETURN last_n + 1;
+    INSERT INTO pgbridge.ticks AS t (n, snap, snap_xmax, min_id, max_id, changes, transactions, total)
+    VALUES (n + 1, now_snap, pg_snapshot_xmax(now_snap), batch.min_id, batch.max_id, batch.changes,
+            batch.transactions, last_total + batch.transactions)
+    RETURNING t.n, t.at INTO n, at;
 END
 $$;
 
@@ -435,6 +443,22 @@ BEGIN
 END
 $$;
 CREATE OR REPLACE VIEW pgbridge.commits AS SELECT * FROM pgbridge.refuse_v1_bridge();
+
+-- What a bridge needs when it connects as a role of its own rather than as this schema's owner.
+CREATE OR REPLACE FUNCTION pgbridge.grant_bridge(bridge regrole) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA pgbridge TO %s', bridge);
+    EXECUTE format('GRANT SELECT ON pgbridge.changes, pgbridge.ticks, pgbridge.publications, pgbridge.migrations '
+                   'TO %s', bridge);
+    EXECUTE format('GRANT DELETE ON pgbridge.changes, pgbridge.ticks TO %s', bridge);  -- pruning
+    EXECUTE format('GRANT SELECT, UPDATE ON pgbridge.leases TO %s', bridge);  -- one pruner at a time
+    EXECUTE format('GRANT EXECUTE ON FUNCTION pgbridge.tick_v2(), pgbridge.flush_v2(), pgbridge.log_format(), '
+                   'pgbridge.iso(timestamptz) TO %s', bridge);
+END
+$$;
 
 -- Nothing in this schema is for other roles: the change log holds rows of every published table, and
 -- LISTEN has no privileges of its own, so notifications carry no data either. Writers need no grant:
