@@ -1,24 +1,29 @@
-"""The ``pgbridge`` command: serve, migrate, publish, unpublish, token, and dev (``make run``)."""
+"""The ``pgbridge`` command: serve, dev (``make run``), migrate, publish, unpublish, token, status.
+
+Every option of every command is a flag and a ``PGBRIDGE_*`` variable (see :mod:`pgbridge.config`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import os
 import secrets
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
-from pgbridge import __version__, changelog
+from pgbridge import __version__, changelog, config, logs
 from pgbridge.auth import TokenPolicy, mint
-from pgbridge.config import Settings, add_dsn_flag, add_serve_flags, settings_from_args
+from pgbridge.config import Settings
 from pgbridge.errors import ConfigError, PgBridgeError
 from pgbridge.migrate import migrate
 from pgbridge.server import WS_PATH, create_app, runner
@@ -32,59 +37,39 @@ DEMO_TABLE = """CREATE TABLE IF NOT EXISTS public.posts (
     created_at timestamptz NOT NULL DEFAULT now()
 )"""
 
+_HELP = {
+    "serve": "run the bridge",
+    "dev": "run on an embedded PostgreSQL with a demo table (make run)",
+    "migrate": "apply the SQL migrations this database lacks",
+    "publish": "deliver a table's changes as a collection",
+    "unpublish": "stop delivering a table's changes",
+    "token": "print a client token signed with the server's secret",
+    "status": "show the publications, the change log and a running bridge's health",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgbridge", description="Push PostgreSQL table changes to WebSocket clients.")
     parser.add_argument("--version", action="version", version=f"pgbridge {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("PGBRIDGE_LOG_LEVEL", "INFO"),
-        help="DEBUG, INFO, WARNING or ERROR (env PGBRIDGE_LOG_LEVEL)",
-    )
+    config.add_options(parser, config.LOGGING)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="run the bridge")
-    add_dsn_flag(serve)
-    add_serve_flags(serve)
-
-    migrate_cmd = commands.add_parser("migrate", help="apply the SQL migrations this database lacks")
-    add_dsn_flag(migrate_cmd)
-
-    publish = commands.add_parser("publish", help="deliver a table's changes as a collection")
-    add_dsn_flag(publish)
-    publish.add_argument("table", help="table name, optionally schema-qualified")
-    publish.add_argument("--exclude", nargs="+", default=[], metavar="COLUMN", help="columns never sent to clients")
-    publish.add_argument("--collection", help="collection name (default: the table's name)")
-
-    unpublish = commands.add_parser("unpublish", help="stop delivering a table's changes")
-    add_dsn_flag(unpublish)
-    unpublish.add_argument("table")
-
-    token = commands.add_parser("token", help="print a client token signed with the server's secret")
-    token.add_argument("--sub", required=True, help="the token's subject")
-    token.add_argument("--ttl", type=float, default=3600, help="lifetime in seconds (default 3600)")
-    token.add_argument("--collections", default="*", help="comma-separated collections, or * (default)")
-    token.add_argument(
-        "--claim",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an extra claim, e.g. account_id=42 (numbers stay numbers)",
-    )
-    token.add_argument("--jwt-secret", default=None, help="HS256 secret (env PGBRIDGE_JWT_SECRET)")
-
-    dev = commands.add_parser("dev", help="run on an embedded PostgreSQL with a demo table (make run)")
-    dev.add_argument("--data-dir", type=Path, default=Path(".pgbridge"), help="where the database lives")
-    add_dsn_flag(dev)
-    add_serve_flags(dev)
+    for name, options in config.COMMANDS.items():
+        command = commands.add_parser(name, help=_HELP[name], description=_HELP[name])
+        if name in ("publish", "unpublish"):
+            command.add_argument("table", help="table name, optionally schema-qualified")
+        if name == "serve":  # set by --workers on the processes it starts
+            command.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+        config.add_options(command, options)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(_COMMANDS[args.command](args) or 0)
+        logging_values = config.resolve(args, config.LOGGING)
+        logs.configure(logging_values["log_level"], logging_values["log_format"])
+        values = config.resolve(args, config.COMMANDS[args.command])
+        return int(_COMMANDS[args.command](args, values) or 0)
     except PgBridgeError as exc:
         print(f"pgbridge: error: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +97,8 @@ def _policy(settings: Settings) -> TokenPolicy:
             raise ConfigError(f"cannot read the JWT public key {settings.jwt_public_key}: {exc.strerror}") from None
     if key is None and not settings.jwt_secret:
         raise ConfigError(
-            "no JWT secret: pass --jwt-secret or set PGBRIDGE_JWT_SECRET (for example to the output of "
+            "no JWT secret: pass --jwt-secret-file or --jwt-secret, or set PGBRIDGE_JWT_SECRET_FILE or "
+            "PGBRIDGE_JWT_SECRET (for example to the output of "
             "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or give --jwt-public-key"
         )
     return TokenPolicy.from_settings(
@@ -142,7 +128,7 @@ async def _check_schema(dsn: str | None) -> None:
         await conn.close()
 
 
-def _serve(settings: Settings, banner: str | None = None) -> None:
+def _serve(settings: Settings, banner: str | None = None, *, reuse_port: bool = False) -> None:
     policy = _policy(settings)
     asyncio.run(_check_schema(settings.dsn))
     app = create_app(settings, policy)
@@ -154,14 +140,14 @@ def _serve(settings: Settings, banner: str | None = None) -> None:
             print(banner, flush=True)
 
     try:
-        asyncio.run(_run(runner(app), settings, ready))
+        asyncio.run(_run(runner(app), settings, ready, reuse_port))
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (choose another --port)"
         ) from None
 
 
-async def _run(served: web.AppRunner, settings: Settings, ready: Callable[[], None]) -> None:
+async def _run(served: web.AppRunner, settings: Settings, ready: Callable[[], None], reuse_port: bool) -> None:
     """Serve until SIGTERM or SIGINT, then shut down in order: clients closed with 1001, tasks stopped."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -169,18 +155,53 @@ async def _run(served: web.AppRunner, settings: Settings, ready: Callable[[], No
         loop.add_signal_handler(sig, stop.set)
     await served.setup()
     try:
-        await web.TCPSite(served, settings.host, settings.port).start()
+        await web.TCPSite(served, settings.host, settings.port, reuse_port=reuse_port or None).start()
         ready()
         await stop.wait()
     finally:
         await served.cleanup()
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    _serve(settings_from_args(args))
+def _cmd_serve(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    settings = config.settings(values)
+    if args.worker:
+        _serve(settings, reuse_port=True)
+    elif settings.workers > 1:
+        _workers(settings.workers)
+    else:
+        _serve(settings)
 
 
-async def _with_conn(dsn: str | None, sql: str, *params: Any) -> Any:
+def _workers(count: int) -> None:
+    """Run ``count`` bridges on one port (SO_REUSEPORT); stop them all on SIGTERM; replace one that dies."""
+    argv = [sys.executable, "-m", "pgbridge", *sys.argv[1:], "--worker"]
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+
+    procs = [subprocess.Popen(argv) for _ in range(count)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        for i, proc in enumerate(procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            if stopping:
+                continue
+            log.error("worker %d (pid %d) exited with %s; starting another", i, proc.pid, code)
+            time.sleep(1)
+            procs[i] = subprocess.Popen(argv)
+        if stopping and all(p.poll() is not None for p in procs):
+            return
+        time.sleep(0.2)
+
+
+async def _fetchval(dsn: str | None, sql: str, *params: Any) -> Any:
     conn = await asyncpg.connect(dsn)
     try:
         return await conn.fetchval(sql, *params)
@@ -188,9 +209,9 @@ async def _with_conn(dsn: str | None, sql: str, *params: Any) -> Any:
         await conn.close()
 
 
-def _cmd_migrate(args: argparse.Namespace) -> None:
+def _cmd_migrate(args: argparse.Namespace, values: dict[str, Any]) -> None:
     async def run() -> list[str]:
-        conn = await asyncpg.connect(args.dsn)
+        conn = await asyncpg.connect(values["dsn"])
         try:
             return await migrate(conn)
         finally:
@@ -200,21 +221,22 @@ def _cmd_migrate(args: argparse.Namespace) -> None:
     print("applied: " + ", ".join(applied) if applied else "up to date")
 
 
-def _cmd_publish(args: argparse.Namespace) -> None:
+def _cmd_publish(args: argparse.Namespace, values: dict[str, Any]) -> None:
     collection = asyncio.run(
-        _with_conn(
-            args.dsn,
-            "SELECT pgbridge.publish($1::text::regclass, $2::text[], $3)",
+        _fetchval(
+            values["dsn"],
+            "SELECT pgbridge.publish($1::text::regclass, $2::text[], $3, $4)",
             args.table,
-            args.exclude,
-            args.collection,
+            values["exclude"],
+            values["collection"],
+            values["wake"],
         )
     )
     print(f"published {args.table} as collection {collection!r}")
 
 
-def _cmd_unpublish(args: argparse.Namespace) -> None:
-    collection = asyncio.run(_with_conn(args.dsn, "SELECT pgbridge.unpublish($1::text::regclass)", args.table))
+def _cmd_unpublish(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    collection = asyncio.run(_fetchval(values["dsn"], "SELECT pgbridge.unpublish($1::text::regclass)", args.table))
     print(f"unpublished {args.table} (collection {collection!r})")
 
 
@@ -225,39 +247,39 @@ def _claim_value(raw: str) -> Any:
         return raw
 
 
-def _cmd_token(args: argparse.Namespace) -> None:
-    secret = args.jwt_secret or os.environ.get("PGBRIDGE_JWT_SECRET")
+def _cmd_token(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    secret = config.read_secret(values)
     if not secret:
-        raise ConfigError("no JWT secret: pass --jwt-secret or set PGBRIDGE_JWT_SECRET (the one the server uses)")
+        raise ConfigError("no JWT secret: pass --jwt-secret-file or --jwt-secret (the one the server uses)")
+    if not values["sub"]:
+        raise ConfigError("a token needs a subject: pass --sub NAME")
     claims: dict[str, Any] = {}
-    for item in args.claim:
+    for item in values["claim"]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise ConfigError(f"--claim takes NAME=VALUE, not {item!r}")
         claims[name] = _claim_value(value)
-    collections = (
-        "*" if args.collections.strip() == "*" else [c.strip() for c in args.collections.split(",") if c.strip()]
-    )
-    print(mint(secret, args.sub, args.ttl, collections=collections, **claims))
+    text = values["collections"].strip()
+    collections = "*" if text == "*" else [c.strip() for c in text.split(",") if c.strip()]
+    print(mint(secret, values["sub"], values["ttl"], collections=collections, **claims))
 
 
-def _cmd_dev(args: argparse.Namespace) -> None:
+def _cmd_dev(args: argparse.Namespace, values: dict[str, Any]) -> None:
     from pgbridge.embedded import EmbeddedPostgres
 
-    data: Path = args.data_dir.resolve()
+    data: Path = Path(values["data_dir"]).resolve()
     server = None
-    if args.dsn is None:
+    if values["dsn"] is None:
         server = EmbeddedPostgres(data / "pgdata")
-        args.dsn = server.dsn
-    secret_file = data / "jwt-secret"
-    secret = os.environ.get("PGBRIDGE_JWT_SECRET") or args.jwt_secret
-    if not secret:
+        values["dsn"] = server.dsn
+    if not values["jwt_secret"] and not values["jwt_secret_file"]:
+        values["jwt_secret_file"] = secret_file = data / "jwt-secret"
         if not secret_file.exists():
             data.mkdir(parents=True, exist_ok=True)
             secret_file.write_text(secrets.token_urlsafe(32))
             secret_file.chmod(0o600)
-        secret = secret_file.read_text().strip()
-    settings = settings_from_args(args, jwt_secret=secret)
+    settings = config.settings(values)
+    assert settings.jwt_secret is not None
 
     async def prepare() -> None:
         conn = await asyncpg.connect(settings.dsn)
@@ -270,11 +292,12 @@ def _cmd_dev(args: argparse.Namespace) -> None:
             await conn.close()
 
     asyncio.run(prepare())
-    token = mint(secret, "dev", 24 * 3600, collections="*")
+    token = mint(settings.jwt_secret, "dev", 24 * 3600, collections="*")
     psql = server.psql() if server else "psql"
     banner = f"""
 pgbridge is ready.
 
+  Inspector: http://{settings.host}:{settings.port}/#token={token}
   WebSocket: ws://{settings.host}:{settings.port}{WS_PATH}?token={token}
   Token (24 h): {token}
   Database:  {settings.dsn}
@@ -289,11 +312,54 @@ Insert a post from another terminal:
             server.stop()
 
 
-_COMMANDS = {
+def _cmd_status(args: argparse.Namespace, values: dict[str, Any]) -> None:
+    print(asyncio.run(_status(values["dsn"], values["url"])))
+
+
+async def _status(dsn: str | None, url: str) -> str:
+    lines = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        await changelog.check_schema(conn)
+        version = await conn.fetchval("SELECT max(version) FROM pgbridge.migrations")
+        lines.append(f"schema version {version}")
+        rows = await conn.fetch(
+            """SELECT format('%I.%I', n.nspname, c.relname) AS tbl, p.collection, p.excluded, p.wake
+               FROM pgbridge.publications p JOIN pg_class c ON c.oid = p.relid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               ORDER BY p.collection"""
+        )
+        lines.append(f"published tables: {len(rows)}")
+        for r in rows:
+            hidden = f", hides {', '.join(r['excluded'])}" if r["excluded"] else ""
+            wake = "" if r["wake"] else ", polled (wake => false)"
+            lines.append(f"  {r['collection']}: {r['tbl']}{hidden}{wake}")
+        stats = await changelog.stats(conn)
+        oldest = await conn.fetchval("SELECT at FROM pgbridge.ticks ORDER BY n LIMIT 1")
+        lines.append(
+            f"change log: {stats.changelog_transactions} transactions, {stats.changelog_bytes / 2**20:.1f} MiB, "
+            f"ticks {stats.oldest_tick} to {stats.newest_tick}, oldest from {oldest:%Y-%m-%d %H:%M:%S %Z}"
+        )
+        lines.append(f"NOTIFY queue: {100 * stats.notification_queue_usage:.1f}% full")
+    finally:
+        await conn.close()
+    health = url.rstrip("/") + "/healthz"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, http.get(health) as resp:
+            body = await resp.json()
+        figures = ", ".join(f"{k} {v}" for k, v in body.items() if k != "status")
+        lines.append(f"bridge at {url}: {body['status']} ({figures})")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        lines.append(f"bridge at {url}: not answering ({type(exc).__name__}: {exc})")
+    return "\n".join(lines)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], None]] = {
     "serve": _cmd_serve,
     "migrate": _cmd_migrate,
     "publish": _cmd_publish,
     "unpublish": _cmd_unpublish,
     "token": _cmd_token,
     "dev": _cmd_dev,
+    "status": _cmd_status,
 }

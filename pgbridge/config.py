@@ -1,15 +1,15 @@
-"""Settings: one frozen object, from command-line flags, ``PGBRIDGE_*`` variables and defaults.
+"""Settings: every option of every command comes from one place, with one precedence.
 
-Every setting has a flag (``--max-frame``) and a variable (``PGBRIDGE_MAX_FRAME``); a flag wins over
-the variable, which wins over the default. The database is ``--dsn``, else ``DATABASE_URL``, else
-libpq's ``PG*`` variables.
+An option ``--max-frame`` is also the variable ``PGBRIDGE_MAX_FRAME``: the flag wins over the variable,
+which wins over the default. The database is the exception to the naming only: ``--dsn``, else
+``DATABASE_URL`` (the name other tools use), else libpq's ``PG*`` variables.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,8 @@ MIN_SECRET_BYTES = 32
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What ``pgbridge serve`` runs with."""
+
     dsn: str | None = None
     """libpq connection string or URL; None means libpq's PG* variables."""
     host: str = "127.0.0.1"
@@ -59,6 +61,7 @@ class Settings:
     poll_interval: float = 0.01
     stats_interval: float = 10.0
     queue_warning: float = 0.5
+    metrics_token: str | None = None
 
     def __post_init__(self) -> None:
         if (self.tenant_claim is None) != (self.tenant_column is None):
@@ -71,11 +74,7 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be zero or positive")
         if self.unscoped_tokens not in ("all", "none"):
             raise ConfigError("--unscoped-tokens must be all or none")
-        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes; generate one with "
-                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
-            )
+        check_secret(self.jwt_secret)
 
 
 _POSITIVE = (
@@ -87,7 +86,15 @@ _POSITIVE = (
 _NOT_NEGATIVE = ("ping_interval", "idle_timeout", "max_connections", "jwt_leeway")
 
 
-def _boolean(text: str) -> bool:
+def check_secret(secret: str | None) -> None:
+    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes; generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+
+
+def boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -96,95 +103,171 @@ def _boolean(text: str) -> bool:
     raise ValueError(text)
 
 
-# flag name -> (type, help). Each also reads PGBRIDGE_<NAME> from the environment.
-SERVE_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "host": (str, "interface to listen on"),
-    "port": (int, "TCP port"),
-    "workers": (int, "processes sharing the port, each a whole bridge (SO_REUSEPORT)"),
-    "jwt_secret": (str, f"HS256 secret client tokens are signed with (at least {MIN_SECRET_BYTES} bytes)"),
-    "jwt_secret_file": (Path, "file holding the HS256 secret (keeps it out of `ps` and the environment)"),
-    "jwt_public_key": (Path, "PEM public key file: accept RS256 (RSA) or ES256 (P-256) tokens instead"),
-    "jwt_audience": (str, "require this aud claim"),
-    "jwt_issuer": (str, "require this iss claim"),
-    "jwt_leeway": (float, "seconds of clock skew tolerated on exp/nbf"),
-    "unscoped_tokens": (str, "what a token without a collections claim may subscribe to: all or none"),
-    "tenant_claim": (str, "token claim holding the tenant (enables tenant isolation)"),
-    "tenant_column": (str, "row column compared with the tenant claim"),
-    "heartbeat": (float, "seconds between heartbeat messages"),
-    "ping_interval": (
+def log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError(text)
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: the flag ``--name``, the variable ``env`` (``PGBRIDGE_NAME``), a default."""
+
+    name: str
+    kind: Callable[[str], Any]
+    default: Any
+    help: str
+    env: str = ""
+    many: bool = False
+    """A list: several values after the flag, or comma-separated in the variable."""
+
+    @property
+    def variable(self) -> str:
+        return self.env or f"PGBRIDGE_{self.name.upper()}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+def _serve(name: str, kind: Callable[[str], Any], text: str) -> Option:
+    return Option(name, kind, _DEFAULTS[name], text)
+
+
+DSN = Option("dsn", str, None, "PostgreSQL URL or libpq string (else libpq's PG* variables)", env="DATABASE_URL")
+LOGGING = (
+    Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("log_format", log_format, "text", "text, or json: one object per line"),
+)
+SECRET = (
+    Option("jwt_secret", str, None, f"HS256 secret client tokens are signed with (at least {MIN_SECRET_BYTES} bytes)"),
+    Option("jwt_secret_file", Path, None, "file holding the HS256 secret (keeps it out of `ps` and the environment)"),
+)
+SERVE = (
+    DSN,
+    _serve("host", str, "interface to listen on"),
+    _serve("port", int, "TCP port"),
+    _serve("workers", int, "processes sharing the port, each a whole bridge (SO_REUSEPORT)"),
+    *(Option(o.name, o.kind, _DEFAULTS[o.name], o.help) for o in SECRET),
+    _serve("jwt_public_key", Path, "PEM public key file: accept RS256 (RSA) or ES256 (P-256) tokens instead"),
+    _serve("jwt_audience", str, "require this aud claim"),
+    _serve("jwt_issuer", str, "require this iss claim"),
+    _serve("jwt_leeway", float, "seconds of clock skew tolerated on exp/nbf"),
+    _serve("unscoped_tokens", str, "what a token without a collections claim may subscribe to: all or none"),
+    _serve("tenant_claim", str, "token claim holding the tenant (enables tenant isolation)"),
+    _serve("tenant_column", str, "row column compared with the tenant claim"),
+    _serve("heartbeat", float, "seconds between heartbeat messages"),
+    _serve(
+        "ping_interval",
         float,
         "seconds between WebSocket pings; a client that does not answer within half of it is closed (0: never ping)",
     ),
-    "handshake_timeout": (float, "seconds a new connection has to complete its WebSocket upgrade"),
-    "idle_timeout": (float, "close connections that have had no subscription for this many seconds (0: never)"),
-    "max_subscriptions": (int, "subscriptions per connection"),
-    "max_frame": (int, "largest client frame in bytes (larger ones close with 1009)"),
-    "outbound_limit": (int, "bytes queued for one client; past it, the client is fed from the change log"),
-    "stall_timeout": (float, "seconds a client may take no data at all before it is closed (1013)"),
-    "max_connections": (int, "connections per process (0: what the open-file limit allows)"),
-    "max_connections_per_subject": (int, "connections per token subject (sub claim) and process"),
-    "max_filter_cost": (int, "filter conditions (each `in` value counts) per connection"),
-    "max_filter_cost_per_subject": (int, "filter conditions per token subject and process"),
-    "max_replays": (int, "change-log reads in flight for catching-up clients (more wait their turn)"),
-    "history_bytes": (int, "bytes of recent changes kept in memory for clients that fall a little behind"),
-    "retention_age": (float, "seconds the change log keeps a transaction"),
-    "retention_transactions": (int, "most transactions the change log keeps"),
-    "probe_interval": (float, "seconds between liveness probes of the listener's connection"),
-    "probe_timeout": (float, "seconds a database query may take before the connection is dropped"),
-    "poll_interval": (float, "seconds between polls while some table is published with wake => false"),
+    _serve("handshake_timeout", float, "seconds a new connection has to complete its WebSocket upgrade"),
+    _serve("idle_timeout", float, "close connections that have had no subscription for this many seconds (0: never)"),
+    _serve("max_subscriptions", int, "subscriptions per connection"),
+    _serve("max_frame", int, "largest client frame in bytes (larger ones close with 1009)"),
+    _serve("outbound_limit", int, "bytes waiting for one client; past it, the client is fed from the change log"),
+    _serve("stall_timeout", float, "seconds a client may take no data at all before it is closed (1013)"),
+    _serve("close_timeout", float, "seconds a client has to take the close frame before it is cut off"),
+    _serve("max_connections", int, "connections per process (0: what the open-file limit allows)"),
+    _serve("max_connections_per_subject", int, "connections per token subject (sub claim) and process"),
+    _serve("max_filter_cost", int, "filter conditions (each `in` value counts) per connection"),
+    _serve("max_filter_cost_per_subject", int, "filter conditions per token subject and process"),
+    _serve("max_replays", int, "change-log reads in flight for catching-up clients (more wait their turn)"),
+    _serve("history_bytes", int, "bytes of recent changes kept in memory for clients that fall a little behind"),
+    _serve("retention_age", float, "seconds the change log keeps a transaction"),
+    _serve("retention_transactions", int, "most transactions the change log keeps"),
+    _serve("prune_interval", float, "seconds between prunings of the change log"),
+    _serve("probe_interval", float, "seconds between liveness probes of the listener's connection"),
+    _serve("probe_timeout", float, "seconds a database query may take before the connection is dropped"),
+    _serve("poll_interval", float, "seconds between polls while some table is published with wake => false"),
+    _serve("stats_interval", float, "seconds between reads of the change log's size and the NOTIFY queue"),
+    _serve("queue_warning", float, "NOTIFY queue fill (0 to 1) above which a warning is logged"),
+    _serve("metrics_token", str, "bearer token /metrics requires (default: none, open to all)"),
+)
+DEV = (*SERVE, Option("data_dir", Path, Path(".pgbridge"), "where the embedded database lives"))
+TOKEN = (
+    *SECRET,
+    Option("sub", str, None, "the token's subject (required)"),
+    Option("ttl", float, 3600.0, "lifetime in seconds"),
+    Option("collections", str, "*", "comma-separated collections the token may see, or *"),
+    Option("claim", str, [], "extra claims NAME=VALUE (numbers stay numbers)", many=True),
+)
+PUBLISH = (
+    DSN,
+    Option("exclude", str, [], "columns never sent to clients", many=True),
+    Option("collection", str, None, "collection name (default: the table's name)"),
+    Option("wake", boolean, True, "send a wake-up NOTIFY per statement; false: writers take no lock, the bridge polls"),
+)
+STATUS = (DSN, Option("url", str, "http://127.0.0.1:8000", "a running bridge, whose /healthz to show"))
+COMMANDS: Mapping[str, tuple[Option, ...]] = {
+    "serve": SERVE,
+    "dev": DEV,
+    "migrate": (DSN,),
+    "publish": PUBLISH,
+    "unpublish": (DSN,),
+    "token": TOKEN,
+    "status": STATUS,
 }
 
 
-def add_dsn_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dsn",
-        default=os.environ.get("DATABASE_URL"),
-        help="PostgreSQL URL or libpq string (default: $DATABASE_URL, else libpq's PG* variables)",
-    )
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    defaults = {f.name: f.default for f in fields(Settings)}
-    for name, (kind, text) in SERVE_FLAGS.items():
-        env = f"PGBRIDGE_{name.upper()}"
-        default = defaults[name]
-        shown = "unset" if default is None else default
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    """Add each option as a flag; its help names its variable and default."""
+    for o in options:
+        shown = "unset" if o.default in (None, []) else o.default
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
+            o.flag,
+            type=o.kind,
+            nargs="+" if o.many else None,
             default=None,
-            help=f"{text} (env {env}; default {shown})",
+            metavar=o.name.upper(),
+            help=f"{o.help} (env {o.variable}; default {shown})",
         )
 
 
-def from_environment(name: str, kind: Callable[[str], Any]) -> Any:
-    """``PGBRIDGE_<NAME>`` converted to ``kind``, or None when unset or empty."""
-    raw = os.environ.get(f"PGBRIDGE_{name.upper()}")
-    if raw in (None, ""):
-        return None
-    try:
-        return kind(raw)
-    except ValueError:
-        expected = "boolean" if kind is _boolean else getattr(kind, "__name__", "value")
-        raise ConfigError(f"PGBRIDGE_{name.upper()}={raw!r} is not a valid {expected}") from None
+def resolve(
+    args: argparse.Namespace, options: Iterable[Option], environ: Mapping[str, str] = os.environ
+) -> dict[str, Any]:
+    """Each option's value: the flag if given, else the variable if set and not empty, else the default."""
+    values: dict[str, Any] = {}
+    for o in options:
+        value = getattr(args, o.name, None)
+        if value is None and (raw := environ.get(o.variable, "")) != "":
+            try:
+                value = [o.kind(v.strip()) for v in raw.split(",") if v.strip()] if o.many else o.kind(raw)
+            except ValueError:
+                raise ConfigError(f"{o.variable}={raw!r} is not a valid {_expected(o.kind)}") from None
+        values[o.name] = o.default if value is None else value
+    return values
 
 
-def settings_from_args(args: argparse.Namespace, **overrides: Any) -> Settings:
-    """Flags win over ``PGBRIDGE_*`` variables, which win over the defaults."""
-    values: dict[str, Any] = {"dsn": args.dsn}
-    for name, (kind, _) in SERVE_FLAGS.items():
-        value = getattr(args, name, None)
-        if value is None:
-            value = from_environment(name, kind)
-        if value is not None:
-            values[name] = value
-    values.update(overrides)
-    secret_file = values.get("jwt_secret_file")
-    if secret_file is not None:
-        if values.get("jwt_secret"):
+def _expected(kind: Callable[[str], Any]) -> str:
+    if kind is boolean:
+        return "boolean (true or false)"
+    if kind is log_format:
+        return "log format (text or json)"
+    return str(getattr(kind, "__name__", "value"))
+
+
+def read_secret(values: dict[str, Any]) -> str | None:
+    """The HS256 secret, given directly or as a file (never both); checked for length."""
+    secret, path = values.get("jwt_secret"), values.get("jwt_secret_file")
+    if path is not None:
+        if secret:
             raise ConfigError("give the JWT secret once: --jwt-secret or --jwt-secret-file, not both")
         try:
-            values["jwt_secret"] = Path(secret_file).read_text().strip()
+            secret = Path(path).read_text().strip()
         except OSError as exc:
-            raise ConfigError(f"cannot read the JWT secret file {secret_file}: {exc.strerror}") from None
-    return Settings(**values)
+            raise ConfigError(f"cannot read the JWT secret file {path}: {exc.strerror}") from None
+    check_secret(secret)
+    return secret
+
+
+def settings(values: dict[str, Any], **overrides: Any) -> Settings:
+    """The serve settings from resolved option values (the secret read from its file if need be)."""
+    chosen = {k: v for k, v in {**values, **overrides}.items() if k in _DEFAULTS}
+    chosen["jwt_secret"] = read_secret(chosen)
+    return Settings(**chosen)

@@ -146,6 +146,10 @@ class Connection:
         # Catching up writes while less than half the limit waits; live frames may use all of it.
         self.transport.set_write_buffer_limits(high=limit // 2, low=limit // 8)
 
+    def fields(self, **more: object) -> dict[str, object]:
+        """What log lines about this client carry (see :mod:`pgbridge.logs`)."""
+        return {"client": self.id, "peer": self.peer, **more}
+
     def offer(self, frame: bytes) -> bool:
         """Write a live frame if it fits in the client's budget."""
         if self.closing:
@@ -195,7 +199,12 @@ class Connection:
         try:
             await feed.run()
         except Exception:
-            log.exception("%s: catching up %s failed", self.id, feed.sub.collection)
+            log.exception(
+                "%s: catching up %s failed",
+                self.id,
+                feed.sub.collection,
+                extra=self.fields(collection=feed.sub.collection),
+            )
             self.close_soon(1011, "Internal error")
         finally:
             bridge.feeds.discard(feed)
@@ -218,6 +227,7 @@ class Connection:
     async def close(self, code: int, reason: str) -> None:
         """Close with ``code``; a client that does not take the close frame in time is cut off."""
         self.closing = True
+        log.debug("%s: closing with %d %s", self.id, code, reason, extra=self.fields(code=code, reason=reason))
         try:
             async with asyncio.timeout(self.bridge.settings.close_timeout):
                 await self.ws.close(code=code, message=reason.encode())
@@ -230,7 +240,7 @@ class Connection:
         expiry = loop.call_later(max(0.0, self.grant.expires_at - time.time()), self.close_soon, 1008, "Token expired")
         bridge.connections.add(self)
         bridge.per_subject[self.grant.subject] += 1
-        log.debug("%s: connected from %s", self.id, self.peer)
+        log.debug("%s: connected from %s", self.id, self.peer, extra=self.fields(subject=self.grant.subject))
         try:
             async for msg in self.ws:
                 if self.closing:
@@ -240,7 +250,7 @@ class Connection:
                     try:
                         await self._handle(msg.data)
                     except Exception:
-                        log.exception("%s: internal error", self.id)
+                        log.exception("%s: internal error", self.id, extra=self.fields())
                         self.close_soon(1011, "Internal error")
                 elif msg.type is WSMsgType.BINARY:
                     self.send(frames.text_frame(protocol.error("Binary frames are not supported")))
@@ -252,7 +262,8 @@ class Connection:
             bridge.connections.discard(self)
             bridge.per_subject[self.grant.subject] -= 1
             bridge.cost_per_subject[self.grant.subject] -= self.cost
-            log.debug("%s: disconnected (close code %s)", self.id, self.ws.close_code)
+            log.debug("%s: disconnected (close code %s)", self.id, self.ws.close_code,
+                      extra=self.fields(code=self.ws.close_code))  # fmt: skip
 
     async def _handle(self, text: str) -> None:
         reply: bytes
@@ -325,7 +336,12 @@ class Connection:
                 tick = await bridge.locate(change_id)
                 break
             except DatabaseUnavailable as exc:
-                log.debug("%s: resuming waits for the database: %s", self.id, exc)
+                log.debug(
+                    "%s: resuming waits for the database: %s",
+                    self.id,
+                    exc,
+                    extra=self.fields(collection=sub.collection),
+                )
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
         if tick is None:
@@ -488,7 +504,8 @@ async def _watchdog(bridge: Bridge) -> None:
                 if conn.stalled is None or sent > conn.stalled[0]:
                     conn.stalled = (sent, now)
                 elif now - conn.stalled[1] > s.stall_timeout:
-                    log.info("%s: closing a client that took no data for %gs", conn.id, s.stall_timeout)
+                    log.info("%s: closing a client that took no data for %gs", conn.id, s.stall_timeout,
+                             extra=conn.fields(code=1013))  # fmt: skip
                     conn.close_soon(1013, "Slow consumer")
             if s.idle_timeout and now - conn.idle_since > s.idle_timeout and not bridge.router.subscriptions(conn):
                 conn.close_soon(1000, f"No subscription for {s.idle_timeout:g}s")

@@ -13,6 +13,7 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from pgbridge import changelog
 from pgbridge.auth import TokenPolicy
 from tests.helpers import (
     Ledger,
@@ -310,4 +311,27 @@ async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
         assert not any("ssn" in h or "real" in h for h in heard)  # LISTEN carries no row data
     finally:
         await mallory.close()
+        await running.stop()
+
+
+async def test_a_bridge_can_run_as_a_role_of_its_own(dsn: str, posts: str, db: asyncpg.Connection) -> None:
+    role = f"bridge_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    await db.execute(f"CREATE ROLE {role} LOGIN; SELECT pgbridge.grant_bridge('{role}')")
+    as_role = dsn.replace("postgres:@", f"{role}:@")
+    running = await start_bridge(as_role)
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title, secret) VALUES ('via its own role', 'x')")
+            assert (await recv(ws))["data"]["title"] == "via its own role"
+        conn = await asyncpg.connect(as_role)
+        try:
+            await db.execute("INSERT INTO posts (title) VALUES ('more')")
+            await changelog.tick(conn)
+            assert await changelog.prune(conn, max_age=0, max_transactions=1) >= 1
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("SELECT pgbridge.publish('posts')")  # publishing stays with the owner
+        finally:
+            await conn.close()
+    finally:
         await running.stop()

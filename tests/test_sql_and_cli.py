@@ -294,3 +294,52 @@ async def test_a_failing_migration_reports_its_own_error(cluster: Cluster, empty
     assert done.returncode == 2
     assert "002_ticks failed:" in done.stderr and "does not exist" in done.stderr
     assert "current transaction is aborted" not in done.stderr
+
+
+def test_token_takes_its_secret_from_a_file_like_serve(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET)
+    done = pgbridge("token", "--sub", "ann", env={"PGBRIDGE_JWT_SECRET_FILE": str(secret), "PGBRIDGE_TTL": "60"})
+    assert done.returncode == 0, done.stderr
+    claims = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "ann" and claims["exp"] - claims["iat"] == 60
+
+
+async def test_status_shows_publications_the_log_and_the_bridge(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(
+        "CREATE TABLE users (id int, pw text); SELECT pgbridge.publish('users', '{pw}');"
+        "CREATE TABLE hits (id int); SELECT pgbridge.publish('hits', wake => false);"
+    )
+    await db.execute("INSERT INTO users VALUES (1, 'x')")
+    await db.execute("SELECT pgbridge.tick_v2()")
+    done = await asyncio.to_thread(pgbridge, "status", "--dsn", dsn, "--url", "http://127.0.0.1:1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "schema version 2" in out and "published tables: 2" in out
+    assert "users: public.users, hides pw" in out and "hits: public.hits, polled (wake => false)" in out
+    assert "change log: 1 transactions" in out
+    assert "bridge at http://127.0.0.1:1: not answering" in out
+
+
+async def test_json_logs_name_the_client_and_the_close_code(dsn: str, db: asyncpg.Connection) -> None:
+    import json
+
+    import websockets
+
+    from tests.helpers import subscribe, token
+    from tests.test_recovery import POSTS, BridgeProcess, _free_port
+
+    await db.execute(POSTS)
+    bridge = BridgeProcess(dsn, _free_port(), {"PGBRIDGE_LOG_FORMAT": "json", "PGBRIDGE_LOG_LEVEL": "DEBUG"})
+    try:
+        await bridge.ready()
+        async with websockets.connect(bridge.url(token())) as ws:
+            await subscribe(ws, "posts")
+        await asyncio.sleep(0.3)
+    finally:
+        bridge.proc.terminate()
+        output = (await asyncio.to_thread(bridge.proc.communicate))[0].decode()
+    entries = [json.loads(line) for line in output.splitlines()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    gone = [e for e in entries if "disconnected" in e["message"]]
+    assert gone and gone[0]["client"].startswith("c") and gone[0]["peer"] == "127.0.0.1" and gone[0]["code"] == 1000
