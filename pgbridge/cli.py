@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,11 +140,24 @@ def _serve(settings: Settings, banner: str | None = None, *, reuse_port: bool = 
             print(banner, flush=True)
 
     try:
-        asyncio.run(_run(runner(app), settings, ready, reuse_port))
+        _event_loop(settings.loop)(_run(runner(app), settings, ready, reuse_port))
     except OSError as exc:
         raise ConfigError(
             f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} (choose another --port)"
         ) from None
+
+
+def _event_loop(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """How to run the server: uvloop when asked for, or (auto) when the `fast` extra installed it."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("--loop uvloop needs uvloop: pip install 'pgbridge[fast]'") from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def _run(served: web.AppRunner, settings: Settings, ready: Callable[[], None], reuse_port: bool) -> None:

@@ -62,6 +62,7 @@ class Settings:
     stats_interval: float = 10.0
     queue_warning: float = 0.5
     metrics_token: str | None = None
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def __post_init__(self) -> None:
         if (self.tenant_claim is None) != (self.tenant_column is None):
@@ -74,6 +75,8 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be zero or positive")
         if self.unscoped_tokens not in ("all", "none"):
             raise ConfigError("--unscoped-tokens must be all or none")
+        if self.loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError("--loop must be auto, asyncio or uvloop")
         check_secret(self.jwt_secret)
 
 
@@ -187,6 +190,7 @@ SERVE = (
     _serve("stats_interval", float, "seconds between reads of the change log's size and the NOTIFY queue"),
     _serve("queue_warning", float, "NOTIFY queue fill (0 to 1) above which a warning is logged"),
     _serve("metrics_token", str, "bearer token /metrics requires (default: none, open to all)"),
+    _serve("loop", str, "event loop: uvloop (the fast extra), asyncio, or auto: uvloop when installed"),
 )
 DEV = (*SERVE, Option("data_dir", Path, Path(".pgbridge"), "where the embedded database lives"))
 TOKEN = (

@@ -116,15 +116,15 @@ class Bridge:
 
 
 class Connection:
-    """One client. Frames are written to its socket at once; how much may wait there unsent is bounded.
+    """One client. Live frames are written together once per loop turn; how much may wait unsent is bounded.
 
     Live frames that do not fit in ``--outbound-limit`` are not queued: the subscription is fed from
     the change log instead (:class:`Feed`), at the pace the client reads.
     """
 
     __slots__ = (
-        "bridge", "closing", "cost", "feeds", "grant", "id", "idle_since", "peer", "protocol", "stalled", "transport",
-        "written", "ws",
+        "bridge", "closing", "cost", "feeds", "grant", "id", "idle_since", "outbox", "peer", "protocol", "queued",
+        "stalled", "transport", "written", "ws",
     )  # fmt: skip
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, grant: Grant, bridge: Bridge) -> None:
@@ -138,6 +138,8 @@ class Connection:
         self.peer = request.remote
         self.closing = False
         self.written = 0
+        self.outbox: list[bytes] = []  # live frames of this loop turn, written together by flush()
+        self.queued = 0
         self.stalled: tuple[int, float] | None = None  # (bytes sent, when) while data waits unsent
         self.idle_since = time.monotonic()
         self.cost = 0
@@ -151,24 +153,35 @@ class Connection:
         return {"client": self.id, "peer": self.peer, **more}
 
     def offer(self, frame: bytes) -> bool:
-        """Write a live frame if it fits in the client's budget."""
+        """Queue a live frame if it fits in the client's budget; frames go out once per loop turn."""
         if self.closing:
             return True
-        if self.transport.is_closing():
-            self.closing = True
-            return True
-        waiting = self.transport.get_write_buffer_size()
+        waiting = self.transport.get_write_buffer_size() + self.queued
         if waiting and waiting + len(frame) > self.bridge.settings.outbound_limit:
             return False
-        self.transport.write(frame)
-        self.written += len(frame)
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outbox.append(frame)
+        self.queued += len(frame)
         return True
 
-    def send(self, frame: bytes) -> None:
-        """Write a reply or a notice, whatever the backlog: they are small and few."""
+    def flush(self) -> None:
+        """Write what was queued in this loop turn, in one call: one system call for many frames."""
+        outbox, self.outbox = self.outbox, []
+        self.queued = 0
         if self.closing or self.transport.is_closing():
             self.closing = True
             return
+        self.transport.writelines(outbox)
+        self.written += sum(map(len, outbox))
+
+    def send(self, frame: bytes) -> None:
+        """Write a reply or a notice, whatever the backlog (they are small and few), after what is queued."""
+        if self.closing or self.transport.is_closing():
+            self.closing = True
+            return
+        if self.outbox:
+            self.flush()
         self.transport.write(frame)
         self.written += len(frame)
 

@@ -15,7 +15,18 @@ version (what ``make test`` runs, to keep the benchmark working).
    process: decoding and routing a change vs. a bare orjson decode of its row;
 3. fan-out: deliveries per second to 1000 subscribers with encode-once vs. encoding per subscriber;
 4. memory: the bridge's peak Python heap while one 200,000-row statement flows through it, vs. the
-   size of those rows.
+   size of those rows;
+5. on real sockets, the bridge as ``pgbridge serve`` and its clients in processes of their own
+   (picows, so that the client side costs little; ``tests/benchclient.py``):
+   - fan-out ceiling: 500 subscribers of one collection, rows written as fast as possible, deliveries
+     per second once every delivery is complete, vs. a minimal aiohttp server writing pre-encoded
+     frames to the same 500 sockets (``tests/benchbaseline.py``); and with 2 workers vs. 1;
+   - latency: commit to client receive at 1,000 rows/s and 100 subscribers, p50 and p99, vs. a bare
+     asyncpg listener's commit to callback;
+   - connections: 20,000 subscribed sockets, RSS per connection, and one row broadcast to all of them
+     (p99) while heartbeats go out every second;
+   - filters: 10,000 subscriptions with distinct filters (equalities, ``in``, ranges) at 5,000 changes
+     per second, p99 commit to receive; and routing cost per change with 10,000 distinct filters vs. 100.
 """
 
 from __future__ import annotations
@@ -23,8 +34,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -33,18 +48,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 
 from pgbridge import frames, protocol
 from pgbridge.auth import ALL_OPS
 from pgbridge.events import Change, make_change
-from pgbridge.filters import MATCH_ALL
+from pgbridge.filters import MATCH_ALL, compile_filter
 from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
 from pgbridge.migrate import migrate
 from pgbridge.router import Router, Subscription
-from tests.helpers import Cluster, wait_for
+from tests.helpers import BridgeProcess, Cluster, free_port, healthy, token, wait_for
 
 QUICK = bool(os.environ.get("PGBRIDGE_BENCH_QUICK"))
 ROUNDS = 1 if QUICK else 3
@@ -56,6 +72,8 @@ ALL = ALL_OPS
 
 TABLES = """
 CREATE TABLE plain (id bigserial PRIMARY KEY, title text, author_id int, created_at timestamptz DEFAULT now());
+CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id int, score int,
+                    created_at timestamptz DEFAULT now());
 CREATE TABLE naive (LIKE plain INCLUDING ALL);
 CREATE TABLE pub (LIKE plain INCLUDING ALL);
 CREATE TABLE polled (LIKE plain INCLUDING ALL);
@@ -64,6 +82,7 @@ CREATE FUNCTION notify_row() RETURNS trigger LANGUAGE plpgsql AS
 CREATE TRIGGER notify_row AFTER INSERT ON naive FOR EACH ROW EXECUTE FUNCTION notify_row();
 SELECT pgbridge.publish('pub');
 SELECT pgbridge.publish('polled', wake => false);
+SELECT pgbridge.publish('posts');
 """
 
 
@@ -329,6 +348,306 @@ async def bulk_memory(dsn: str) -> list[Result]:
                    "the bridge's history window (32 MB) is the most it keeps")]  # fmt: skip
 
 
+SUBSCRIBE = '{"action": "subscribe", "collection": "posts"}'
+
+
+# The processes raise their own open-file limit to the hard one; it bounds how many sockets one holds.
+FILE_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+class Fleet:
+    """Benchmark clients (tests/benchclient.py) in processes of their own, at most 5000 connections each."""
+
+    def __init__(self) -> None:
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def open(self, url: str, count: int, subscribe: str = SUBSCRIBE, first: int = 0, sample: int = 0) -> None:
+        started = []
+        for offset in range(0, count, 5000):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.benchclient", url, str(min(5000, count - offset)), str(first + offset),
+                subscribe, stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 30,
+                env={**os.environ, "PGBRIDGE_SAMPLE": str(sample)},
+            )  # fmt: skip
+            started.append(proc)
+        for proc in started:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 300)
+            assert line == b"ready\n", line
+        self.procs += started
+
+    async def report(self) -> tuple[list[int], dict[int, list[float]]]:
+        frames: list[int] = []
+        received: dict[int, list[float]] = {}
+        for proc in self.procs:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(b"report\n")
+        for proc in self.procs:
+            assert proc.stdout is not None
+            report = orjson.loads(await proc.stdout.readline())
+            frames += report["frames"]
+            for row, times in report["received"].items():
+                received.setdefault(int(row), []).extend(times)
+        return frames, received
+
+    async def count(self) -> int:
+        """The data events received by all connections so far."""
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"count\n")
+        total = 0
+        for proc in self.procs:
+            assert proc.stdout is not None
+            total += int(await proc.stdout.readline())
+        return total
+
+    async def until(self, total: int, timeout: float = 120) -> float:
+        """Wait until the connections have received ``total`` data events in all; return when."""
+        deadline = time.monotonic() + timeout
+        while (got := await self.count()) < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {got} of {total} deliveries arrived")
+            await asyncio.sleep(0.005)
+        return time.perf_counter()
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+        await asyncio.gather(*(proc.wait() for proc in self.procs))
+        self.procs = []
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+async def serve(dsn: str, **env: str) -> BridgeProcess:
+    settings = {"PGBRIDGE_HEARTBEAT": "3600", "PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "100000",
+                "PGBRIDGE_MAX_FILTER_COST_PER_SUBJECT": "1000000", "PGBRIDGE_LOG_LEVEL": "WARNING", **env}  # fmt: skip
+    bridge = BridgeProcess(dsn, free_port(), settings)
+    await bridge.ready()
+    return bridge
+
+
+def stop(bridge: BridgeProcess) -> None:
+    bridge.proc.terminate()
+    bridge.proc.communicate(timeout=30)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+async def insert_rows(dsn: str, rows: int, per_statement: int = 10) -> None:
+    conn = await asyncpg.connect(dsn)
+    for _ in range(rows // per_statement):
+        await conn.execute(f"INSERT INTO posts (title) SELECT 'hello world' FROM generate_series(1, {per_statement})")
+    await conn.close()
+
+
+async def fan_out_sockets(dsn: str) -> list[Result]:
+    subscribers, rows = (50, 40) if QUICK else (500, 400)
+    base: list[float] = []
+    single: list[float] = []
+    double: list[float] = []
+    fleet = Fleet()
+    for _ in range(ROUNDS):
+        port = free_port()
+        server = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.benchbaseline", str(port))
+        try:
+            await healthy(port)
+            await fleet.open(f"ws://127.0.0.1:{port}/api/v1/realtime/ws", subscribers)
+            async with aiohttp.ClientSession() as http:
+                started = time.perf_counter()
+                await http.post(f"http://127.0.0.1:{port}/blast?n={rows}")
+                done = await fleet.until(rows * subscribers)
+            base.append(rows * subscribers / (done - started))
+        finally:
+            await fleet.close()
+            server.kill()
+            await server.wait()
+        for workers, rates in ((1, single), (2, double)):
+            bridge = await serve(dsn, PGBRIDGE_WORKERS=str(workers))
+            try:
+                await fleet.open(bridge.url(token()), subscribers)
+                started = time.perf_counter()
+                await insert_rows(dsn, rows)
+                rates.append(rows * subscribers / (await fleet.until(rows * subscribers) - started))
+            finally:
+                await fleet.close()
+                stop(bridge)
+    return [
+        Result(f"fan-out, {subscribers} sockets, deliveries/s", "minimal aiohttp /s", median_of(base),
+               "bridge /s", median_of(single), "target >= 0.7"),
+        Result(f"fan-out, {subscribers} sockets, 2 workers", "1 worker /s", median_of(single),
+               "2 workers /s", median_of(double)),
+    ]  # fmt: skip
+
+
+async def paced_writes(dsn: str, table: str, per_second: int, seconds: float) -> dict[int, float]:
+    """One-row transactions at ``per_second``; the time each commit was acknowledged, by row id."""
+    conn = await asyncpg.connect(dsn)
+    acked: dict[int, float] = {}
+    start = time.perf_counter()
+    for n in range(int(per_second * seconds)):
+        await asyncio.sleep(max(0.0, start + n / per_second - time.perf_counter()))
+        row = await conn.fetchval(f"INSERT INTO {table} (title) VALUES ('x') RETURNING id")
+        acked[row] = time.time()
+    await conn.close()
+    return acked
+
+
+async def stamped_listener(dsn: str) -> tuple[asyncpg.Connection, dict[int, float]]:
+    """A bare listener of the row-level trigger: when each row's notification arrived, by row id."""
+    conn = await asyncpg.connect(dsn)
+    heard: dict[int, float] = {}
+
+    def on(_c: object, _p: int, _ch: str, payload: str) -> None:
+        heard.setdefault(orjson.loads(payload)["id"], time.time())
+
+    await conn.add_listener("naive", on)
+    return conn, heard
+
+
+async def latency(dsn: str) -> list[Result]:
+    seconds = 0.5 if QUICK else 3.0
+    subscribers = 10 if QUICK else 100
+    bare: list[float] = []
+    bridged: list[float] = []
+    for _ in range(ROUNDS):
+        conn, heard = await stamped_listener(dsn)
+        acked = await paced_writes(dsn, "naive", 1000, seconds)
+        await asyncio.sleep(0.5)
+        bare += [heard[row] - at for row, at in acked.items() if row in heard]
+        await conn.close()
+
+        bridge = await serve(dsn)
+        fleet = Fleet()
+        try:
+            await fleet.open(bridge.url(token()), subscribers, sample=1)
+            acked = await paced_writes(dsn, "posts", 1000, seconds)
+            await fleet.until(len(acked) * subscribers)
+            received = (await fleet.report())[1]
+            bridged += [t - acked[row] for row, times in received.items() if row in acked for t in times]
+        finally:
+            await fleet.close()
+            stop(bridge)
+    ms = 1000
+    return [
+        Result(f"latency p50 ms, 1000 rows/s, {subscribers} sockets", "bare listener p50", percentile(bare, 50) * ms,
+               "bridge p50", percentile(bridged, 50) * ms),
+        Result(f"latency p99 ms, 1000 rows/s, {subscribers} sockets", "bare listener p99", percentile(bare, 99) * ms,
+               "bridge p99", percentile(bridged, 99) * ms,
+               f"target <= {2 * percentile(bare, 99) * ms + 1:.1f} (2x + 1 ms)"),
+    ]  # fmt: skip
+
+
+async def connections(dsn: str) -> list[Result]:
+    # 20,000, or what this machine lets one process hold (its hard open-file limit, less what the bridge
+    # needs for itself)
+    count = 300 if QUICK else min(20_000, FILE_LIMIT - 500)
+    bridge = await serve(dsn, PGBRIDGE_HEARTBEAT="1")
+    fleet = Fleet()
+    try:
+        await asyncio.sleep(1)
+        before = rss(bridge.proc.pid)
+        await fleet.open(bridge.url(token()), count, sample=1)
+        await asyncio.sleep(2)
+        after = rss(bridge.proc.pid)
+        latencies: list[float] = []
+        acked: dict[int, float] = {}
+        conn = await asyncpg.connect(dsn)
+        for n in range(1 if QUICK else 5):  # one row at a time, a second apart, while heartbeats go out
+            row = await conn.fetchval("INSERT INTO posts (title) VALUES ('broadcast') RETURNING id")
+            acked[row] = time.time()
+            await fleet.until(count * (n + 1))
+            await asyncio.sleep(1)
+        await conn.close()
+        received = (await fleet.report())[1]
+        latencies = [t - acked[row] for row, times in received.items() if row in acked for t in times]
+    finally:
+        await fleet.close()
+        stop(bridge)
+    per_connection = (after - before) / count / 1024
+    return [
+        Result(f"memory, {count:,} subscribed sockets", "RSS before MiB", before / 2**20, "RSS after MiB",
+               after / 2**20, f"{per_connection:.1f} KiB per connection (target <= 16)"),
+        Result(f"broadcast to {count:,} sockets, ms", "p50", percentile(latencies, 50) * 1000, "p99",
+               percentile(latencies, 99) * 1000, "heartbeats every second meanwhile"),
+    ]  # fmt: skip
+
+
+FILTERS = [  # (share of the subscriptions, filter): each change matches about one subscription
+    (0.7, '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {i}}}'),
+    (0.15, '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {"in": [{i}, -1, -2]}}}'),
+    (0.15, '{"action": "subscribe", "collection": "posts", "filter": {"title": "t{i}", "score": {"gte": 50}}}'),
+]
+
+
+async def filters(dsn: str) -> list[Result]:
+    count = 300 if QUICK else 10_000
+    per_second, seconds = (1000, 1.0) if QUICK else (5000, 4.0)
+    bridge = await serve(dsn)
+    fleet = Fleet()
+    latencies: list[float] = []
+    try:
+        first = 0
+        for share, template in FILTERS:
+            n = int(count * share)
+            await fleet.open(bridge.url(token()), n, template, first=first, sample=1)
+            first += n
+        conn = await asyncpg.connect(dsn)
+        acked: dict[int, float] = {}
+        rng = random.Random(1)
+        start = time.perf_counter()
+        statements = int(per_second * seconds / 50)
+        for s in range(statements):  # 50 rows a statement
+            await asyncio.sleep(max(0.0, start + s * 50 / per_second - time.perf_counter()))
+            authors = [rng.randrange(count) for _ in range(50)]
+            titles = [f"t{rng.randrange(count)}" for _ in range(50)]
+            ids = await conn.fetch(
+                "INSERT INTO posts (title, author_id, score) SELECT * FROM unnest($1::text[], $2::int[], $3::int[])"
+                " RETURNING id", titles, authors, [rng.randrange(100) for _ in range(50)],
+            )  # fmt: skip
+            now = time.time()
+            acked.update((r["id"], now) for r in ids)
+        sustained = len(acked) / (time.perf_counter() - start)
+        await asyncio.sleep(2)
+        await conn.close()
+        received = (await fleet.report())[1]
+        latencies = [t - acked[row] for row, times in received.items() if row in acked for t in times]
+    finally:
+        await fleet.close()
+        stop(bridge)
+    return [
+        Result(f"filters, {count:,} distinct, changes/s", "offered /s", per_second, "sustained /s", sustained),
+        Result(f"filters, {count:,} distinct, {len(latencies)} deliveries, ms", "p50", percentile(latencies, 50) * 1000,
+               "p99", percentile(latencies, 99) * 1000, "target p99 <= 100 at 5,000 changes/s"),
+        routing_cost(count),
+    ]  # fmt: skip
+
+
+def routing_cost(count: int) -> Result:
+    """In process: the time to route one change with ``count`` distinct filters, vs. with 100."""
+    rng = random.Random(2)
+    rows = [Change(1, n, "posts", "create", "2026-01-01T00:00:00.000Z",
+                   (orjson.dumps({"id": n, "author_id": rng.randrange(count), "title": "x"}),), None)
+            for n in range(5000)]  # fmt: skip
+    timings = []
+    for subscriptions in (100, count):
+        router = Router()
+        for i in range(subscriptions):
+            router.add(Subscription(CountingSink(), "posts", ALL, compile_filter({"author_id": i})))
+        started = time.perf_counter()
+        for change in rows:
+            router.route(change, 0)
+        timings.append((time.perf_counter() - started) / len(rows) * 1e6)
+    return Result(f"routing per change, {count:,} vs 100 filters", "100 filters us", timings[0],
+                  f"{count:,} filters us", timings[1], "cost follows matches, not subscriptions: ratio ~1")  # fmt: skip
+
+
 async def main() -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,6 +662,10 @@ async def main() -> None:
                 ("writers", lambda: writers(cluster, dsn)),
                 ("ingest", lambda: ingest(dsn)),
                 ("memory", lambda: bulk_memory(dsn)),
+                ("fan-out", lambda: fan_out_sockets(dsn)),
+                ("latency", lambda: latency(dsn)),
+                ("connections", lambda: connections(dsn)),
+                ("filters", lambda: filters(dsn)),
             ]
             for name, run in sections:
                 started = time.monotonic()

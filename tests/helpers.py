@@ -6,13 +6,16 @@ import asyncio
 import itertools
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import jwt
 import orjson
@@ -212,6 +215,50 @@ async def raw_upgrade(port: int, tok: str) -> tuple[asyncio.StreamReader, asynci
     )
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     return reader, writer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def healthy(port: int) -> None:
+    """Wait until the server on ``port`` answers its /healthz with 200."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the server on port {port} did not become healthy")
+
+
+class BridgeProcess:
+    """``pgbridge serve`` as its own process, as it runs in production; its output is kept."""
+
+    def __init__(
+        self, dsn: str, port: int, env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None
+    ) -> None:
+        env = {**os.environ, **(env or {})}
+        env.update(DATABASE_URL=dsn, PGBRIDGE_JWT_SECRET=SECRET, PGBRIDGE_PORT=str(port))
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pgbridge", "serve"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec,
+        )
+
+    async def ready(self) -> None:
+        await healthy(self.port)
+
+    def url(self, tok: str) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/realtime/ws?token={tok}"
 
 
 def fresh_name(prefix: str = "t") -> str:

@@ -25,8 +25,10 @@ import websockets
 
 from tests.helpers import (
     SECRET,
+    BridgeProcess,
     RunningBridge,
     close_frame,
+    free_port,
     raw_upgrade,
     recv,
     send,
@@ -36,7 +38,6 @@ from tests.helpers import (
     until_quiet,
     wait_for,
 )
-from tests.test_recovery import BridgeProcess, _free_port
 
 POSTS = """CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id int,
                                created_at timestamptz DEFAULT now(), account text);
@@ -46,7 +47,7 @@ POSTS = """CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id i
 @pytest.fixture
 async def process(dsn: str, db: asyncpg.Connection) -> AsyncIterator[BridgeProcess]:
     await db.execute(POSTS)
-    bridge = BridgeProcess(dsn, _free_port())
+    bridge = BridgeProcess(dsn, free_port())
     try:
         await bridge.ready()
         yield bridge
@@ -168,7 +169,7 @@ async def test_connection_limits_shed_with_503_and_health_still_answers(dsn: str
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
-    bridge = BridgeProcess(dsn, _free_port(), {"PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "1000"}, few_files)
+    bridge = BridgeProcess(dsn, free_port(), {"PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "1000"}, few_files)
     proc = bridge.proc
     clients: list[Any] = []
     refused = 0

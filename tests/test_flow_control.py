@@ -16,7 +16,9 @@ import websockets
 
 from pgbridge import changelog
 from tests.helpers import (
+    BridgeProcess,
     Ledger,
+    free_port,
     raw_upgrade,
     recv,
     start_bridge,
@@ -25,7 +27,7 @@ from tests.helpers import (
     until_quiet,
     wait_for,
 )
-from tests.test_recovery import POSTS, BridgeProcess, _free_port, listener_pid, write_for
+from tests.test_recovery import POSTS, listener_pid, write_for
 
 FLOOD = "INSERT INTO posts (title) SELECT repeat('q', 20000) FROM generate_series(1, 100)"
 
@@ -108,7 +110,7 @@ async def test_a_client_that_stops_reading_costs_its_budget_then_is_closed_and_r
     dsn: str, db: asyncpg.Connection
 ) -> None:
     await db.execute(POSTS)
-    port = _free_port()
+    port = free_port()
     env = {"PGBRIDGE_HISTORY_BYTES": str(1 << 20), "PGBRIDGE_STALL_TIMEOUT": "3"}
     bridge = BridgeProcess(dsn, port, env)
     try:

@@ -6,11 +6,8 @@ import asyncio
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +20,12 @@ from pgbridge import changelog
 from pgbridge.events import MAX_ID
 from pgbridge.migrate import migrate
 from tests.helpers import (
-    SECRET,
+    BridgeProcess,
     Cluster,
     Ledger,
     RunningBridge,
     close_frame,
+    free_port,
     recv,
     start_bridge,
     subscribe,
@@ -232,50 +230,11 @@ async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.C
     assert reached == (10, MAX_ID)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class BridgeProcess:
-    """``pgbridge serve`` as its own process, as it runs in production."""
-
-    def __init__(
-        self, dsn: str, port: int, env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None
-    ) -> None:
-        env = {**os.environ, **(env or {})}
-        env.update(DATABASE_URL=dsn, PGBRIDGE_JWT_SECRET=SECRET, PGBRIDGE_PORT=str(port))
-        self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pgbridge", "serve"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec,
-        )
-
-    async def ready(self) -> None:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("bridge process did not become healthy")
-
-    def url(self, tok: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/realtime/ws?token={tok}"
-
-
 async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(dsn: str, db: asyncpg.Connection) -> None:
     from tests.helpers import token
 
     await db.execute(POSTS)
-    port = _free_port()
+    port = free_port()
     ledger, stop = Ledger(), asyncio.Event()
     first = BridgeProcess(dsn, port)
     second: BridgeProcess | None = None
@@ -311,7 +270,7 @@ async def test_sigterm_closes_clients_with_1001_and_exits_0(dsn: str, db: asyncp
     from tests.helpers import token
 
     await db.execute(POSTS)
-    bridge = BridgeProcess(dsn, _free_port())
+    bridge = BridgeProcess(dsn, free_port())
     try:
         await bridge.ready()
         async with websockets.connect(bridge.url(token())) as ws:

@@ -231,7 +231,7 @@ async def test_the_previous_release_refuses_the_new_schema_clearly(dsn: str, tmp
     import aiohttp
 
     old = _previous_release(tmp_path)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(old), "DATABASE_URL": dsn, "PGBRIDGE_JWT_SECRET": SECRET,
            "PGBRIDGE_PORT": str(port)}  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
@@ -256,7 +256,7 @@ async def test_the_previous_release_refuses_the_new_schema_clearly(dsn: str, tmp
     assert "Upgrade the bridge" in output or "cannot read" in output
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -326,11 +326,11 @@ async def test_json_logs_name_the_client_and_the_close_code(dsn: str, db: asyncp
 
     import websockets
 
-    from tests.helpers import subscribe, token
-    from tests.test_recovery import POSTS, BridgeProcess, _free_port
+    from tests.helpers import BridgeProcess, free_port, subscribe, token
+    from tests.test_recovery import POSTS
 
     await db.execute(POSTS)
-    bridge = BridgeProcess(dsn, _free_port(), {"PGBRIDGE_LOG_FORMAT": "json", "PGBRIDGE_LOG_LEVEL": "DEBUG"})
+    bridge = BridgeProcess(dsn, free_port(), {"PGBRIDGE_LOG_FORMAT": "json", "PGBRIDGE_LOG_LEVEL": "DEBUG"})
     try:
         await bridge.ready()
         async with websockets.connect(bridge.url(token())) as ws:
