@@ -310,7 +310,7 @@ def _cmd_dev(args: argparse.Namespace, values: dict[str, Any]) -> None:
     banner = f"""
 pgbridge is ready.
 
-  Inspector: http://{settings.host}:{settings.port}/#token={token}
+  Inspector: http://{settings.host}:{settings.port}/#collection=posts&token={token}
   WebSocket: ws://{settings.host}:{settings.port}{WS_PATH}?token={token}
   Token (24 h): {token}
   Database:  {settings.dsn}

@@ -24,6 +24,7 @@ from pgbridge import changelog
 from pgbridge.errors import SchemaError
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
+from pgbridge.metrics import Histogram
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class Listener:
         self.ticks_read = 0
         self.newest_tick = 0
         self.forced_flushes = 0
+        self.latency = Histogram()
+        """Seconds from each change's statement time in the database to its routing to clients."""
         self._failures = 0
         self._ignored_at = 0.0
 
@@ -219,6 +222,7 @@ class Listener:
                         self._signal()
                         await asyncio.sleep(0)
                         yielded = loop.time()
+                self.latency.observe(time.time() - datetime.fromisoformat(change.timestamp).timestamp())
             if reached == self._after:
                 break
             self._after = reached

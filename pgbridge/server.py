@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import itertools
 import logging
 import time
@@ -12,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -26,6 +28,7 @@ from pgbridge.events import Change
 from pgbridge.feed import Feed
 from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
+from pgbridge.metrics import CONTENT_TYPE, Exposition
 from pgbridge.router import Router, Subscription, tenant_key
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,12 @@ class Bridge:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     closed: Counter[str] = field(default_factory=Counter)
     catchup_reads: int = 0
+    replays: int = 0
+    frames_sent: int = 0
+    bytes_sent: int = 0
     task_failures: dict[str, tuple[str, float]] = field(default_factory=dict)
     """Side tasks that failed: the error, and when (they are restarted)."""
+    task_failure_count: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -173,7 +180,10 @@ class Connection:
             self.closing = True
             return
         self.transport.writelines(outbox)
-        self.written += sum(map(len, outbox))
+        size = sum(map(len, outbox))
+        self.written += size
+        self.bridge.frames_sent += len(outbox)
+        self.bridge.bytes_sent += size
 
     def send(self, frame: bytes) -> None:
         """Write a reply or a notice, whatever the backlog (they are small and few), after what is queued."""
@@ -184,6 +194,8 @@ class Connection:
             self.flush()
         self.transport.write(frame)
         self.written += len(frame)
+        self.bridge.frames_sent += 1
+        self.bridge.bytes_sent += len(frame)
 
     async def send_paced(self, frame: bytes) -> None:
         """Write a catch-up frame once the client has taken most of what waits for it."""
@@ -336,6 +348,7 @@ class Connection:
         bridge.router.add(sub, live=message.since is None)
         self.send(frames.text_frame(protocol.subscribed(name)))
         if message.since is not None:
+            bridge.replays += 1
             self.feeds[name] = asyncio.get_running_loop().create_task(
                 self._resume(sub, message.since), name=f"pgbridge-resume-{self.id}"
             )
@@ -486,6 +499,80 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if listener.connected else 503)
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """``GET /metrics``: the bridge's figures in the Prometheus text format (behind ``--metrics-token``)."""
+    bridge = request.app[BRIDGE]
+    expected = bridge.settings.metrics_token
+    if expected is not None:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            return web.json_response(
+                {"error": "/metrics needs the header Authorization: Bearer <the --metrics-token value>"},
+                status=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    listener = bridge.listener
+    per_collection: Counter[str] = Counter()
+    for conn in bridge.connections:
+        per_collection.update(bridge.router.subscriptions(conn).keys())
+    now = time.time()
+    lags = [_age(f.at, now) for f in bridge.feeds]
+    out = Exposition()
+    out.gauge("up", "1 while the listener is connected to the database", int(listener.connected))
+    out.gauge("connections", "open client connections", len(bridge.connections))
+    out.labelled("subscriptions", "gauge", "subscriptions, by collection", "collection", per_collection)
+    out.counter("changes_received_total", "row changes read from the change log and routed", listener.delivered)
+    out.counter("frames_sent_total", "WebSocket frames written to clients (events, replies, notices)",
+                bridge.frames_sent)  # fmt: skip
+    out.counter("bytes_sent_total", "bytes of WebSocket frames written to clients", bridge.bytes_sent)
+    out.labelled("clients_closed_total", "counter", "connections the server closed or refused, by reason", "reason",
+                 bridge.closed)  # fmt: skip
+    out.counter("listener_reconnects_total", "times the listener reconnected to the database", listener.reconnects)
+    out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
+    out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)
+    out.gauge("catching_up", "subscriptions fed from the change log, behind the live stream", len(bridge.feeds))
+    out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", max(lags, default=0.0))
+    if bridge.stats is not None:
+        out.gauge("notification_queue_usage", "fill of the NOTIFY queue, 0 to 1 (commits that notify fail at 1)",
+                  bridge.stats.notification_queue_usage)  # fmt: skip
+        out.gauge("changelog_transactions", "transactions in the change log", bridge.stats.changelog_transactions)
+        out.gauge("changelog_bytes", "size of the change log on disk", bridge.stats.changelog_bytes)
+    out.labelled("task_failures_total", "counter", "failures of the bridge's side tasks (each is restarted)", "task",
+                 {name: bridge.task_failure_count[name] for name in SIDE_TASKS})  # fmt: skip
+    out.histogram("delivery_latency_seconds", "from a change's statement time in the database to its sending",
+                  listener.latency)  # fmt: skip
+    return web.Response(body=out.text().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+_PAGES = {  # the inspector: static files of this package, served from memory
+    "/": ("index.html", "text/html"),
+    "/inspector/inspector.js": ("inspector.js", "text/javascript"),
+    "/inspector/inspector.css": ("inspector.css", "text/css"),
+}
+# The page renders untrusted row values: even if one slipped through as markup, nothing but the page's
+# own files could run or load.
+_PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _page(path: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    name, content_type = _PAGES[path]
+    body = resources.files("pgbridge").joinpath("static", name).read_bytes()
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(
+            body=body,
+            content_type=content_type,
+            charset="utf-8",
+            headers={"Content-Security-Policy": _PAGE_POLICY, "X-Content-Type-Options": "nosniff",
+                     "Cache-Control": "no-cache"},
+        )  # fmt: skip
+
+    return serve
+
+
 def _age(timestamp: str | None, now: float) -> float:
     if timestamp is None:
         return 0.0
@@ -550,6 +637,13 @@ async def _maintenance(bridge: Bridge) -> None:
         await asyncio.sleep(s.stats_interval)
 
 
+SIDE_TASKS: dict[str, Callable[[Bridge], Awaitable[None]]] = {
+    "heartbeat": _heartbeats,
+    "maintenance": _maintenance,
+    "watchdog": _watchdog,
+}
+
+
 async def _supervise(bridge: Bridge, name: str, run: Callable[[], Awaitable[None]]) -> None:
     """Run a side task for as long as the bridge runs: one that fails is logged, shown in /healthz, restarted."""
     delay = 1.0
@@ -561,6 +655,7 @@ async def _supervise(bridge: Bridge, name: str, run: Callable[[], Awaitable[None
         except Exception as exc:
             log.exception("the %s task failed; restarting it in %gs", name, delay)
             bridge.task_failures[name] = (f"{type(exc).__name__}: {exc}", time.monotonic())
+            bridge.task_failure_count[name] += 1
             await asyncio.sleep(delay)
             delay = min(2 * delay, 60.0)
         else:
@@ -606,13 +701,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     s = bridge.settings
     _quiet_accept_errors(asyncio.get_running_loop())
     bridge.pool = await asyncpg.create_pool(s.dsn, min_size=0, max_size=s.max_replays + 1, timeout=10)
-    side: dict[str, Callable[[Bridge], Awaitable[None]]] = {
-        "heartbeat": _heartbeats,
-        "maintenance": _maintenance,
-        "watchdog": _watchdog,
-    }
     tasks = [asyncio.create_task(bridge.listener.run(), name="pgbridge-listener")]
-    for name, run in side.items():
+    for name, run in SIDE_TASKS.items():
         tasks.append(
             asyncio.create_task(_supervise(bridge, name, functools.partial(run, bridge)), name=f"pgbridge-{name}")
         )
@@ -668,6 +758,9 @@ def create_app(settings: Settings, tokens: TokenPolicy) -> web.Application:
     app[BRIDGE] = Bridge(settings, tokens, limit)
     app.router.add_get(WS_PATH, realtime)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    for path in _PAGES:
+        app.router.add_get(path, _page(path))
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_clients)
     return app

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 from pathlib import Path
 
-import pytest
-
+from tests.browser import CHROMIUM, needs_chromium
 from tests.helpers import Cluster, psql, start_bridge, token, wait_for
 
 # Verbatim from the SnackBase realtime page; only "your_jwt_token" is replaced by a real token.
@@ -41,17 +38,13 @@ console.log("WebSocket connection closed");
 };
 """
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
 
 def _port_8000_free() -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", 8000)) != 0
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"), reason="chromium is not installed (.ci/run installs it)"
-)
+@needs_chromium
 async def test_the_seed_javascript_example_works_in_chromium(
     dsn: str, posts: str, cluster: Cluster, tmp_path: Path
 ) -> None:

@@ -158,7 +158,7 @@ def test_the_secret_can_come_from_a_file(tmp_path: Path) -> None:
     assert gone.returncode == 2 and f"cannot read the JWT secret file {tmp_path / 'nope'}" in gone.stderr
 
 
-def test_a_built_wheel_carries_the_migrations(tmp_path: Path) -> None:
+def test_a_built_wheel_carries_the_migrations_and_the_inspector(tmp_path: Path) -> None:
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
          str(ROOT)],
@@ -173,11 +173,14 @@ def test_a_built_wheel_carries_the_migrations(tmp_path: Path) -> None:
     )  # fmt: skip
     assert installed.returncode == 0, installed.stderr
     probe = subprocess.run(
-        [sys.executable, "-c", "import pgbridge.migrate as m; print(m.__file__, [x.name for x in m.migrations()])"],
+        [sys.executable, "-c", "import pgbridge.migrate as m; print(m.__file__, [x.name for x in m.migrations()]); "
+         "from importlib import resources; print(len(resources.files('pgbridge').joinpath('static', "
+         "'inspector.js').read_bytes()))"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     assert str(target) in probe.stdout and "001_change_log" in probe.stdout
+    assert int(probe.stdout.split()[-1]) > 1000
 
 
 async def test_partitioned_tables_publish_on_the_root(db: asyncpg.Connection) -> None:
