@@ -196,14 +196,20 @@ class Listener:
     async def _deliver(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
         """Route every change up to tick ``newest`` (taken at ``taken``), page by page, once it is durable."""
         assert self._after is not None
-        if newest > self.newest_tick:
-            self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+        unflushed = newest > self.newest_tick
         self.newest_tick = newest
         loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):
             try:
                 changes, reached = await changelog.read(conn, self._after, newest)
             except changelog.Pruned:
+                changes, reached = [], None
+            if unflushed:
+                # Nothing of the tick is routed before it is durable; meanwhile its batch was read, and a
+                # writer's commit has likely flushed it.
+                self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+                unflushed = False
+            if reached is None:
                 log.error(
                     "changes after tick %d left the change log before they were routed: raise the retention; "
                     "every client is asked to resync",
@@ -230,6 +236,8 @@ class Listener:
                 self.head = (reached[0], MAX_ID, 0)
                 self.ticks_read = reached[0]
             self._signal()
+        if unflushed:
+            self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
         if self._after == (newest, MAX_ID):
             self._finished = (newest, taken)
 

@@ -261,8 +261,6 @@ class Connection:
 
     async def serve(self) -> None:
         bridge = self.bridge
-        loop = asyncio.get_running_loop()
-        expiry = loop.call_later(max(0.0, self.grant.expires_at - time.time()), self.close_soon, 1008, "Token expired")
         bridge.connections.add(self)
         bridge.per_subject[self.grant.subject] += 1
         log.debug("%s: connected from %s", self.id, self.peer, extra=self.fields(subject=self.grant.subject))
@@ -280,7 +278,6 @@ class Connection:
                 elif msg.type is WSMsgType.BINARY:
                     self.send(frames.text_frame(protocol.error("Binary frames are not supported")))
         finally:
-            expiry.cancel()
             for collection in list(self.feeds):
                 self._stop_feed(collection)
             bridge.router.drop(self)
@@ -439,28 +436,33 @@ def _require_masking(request: web.Request, ws: web.WebSocketResponse) -> None:
     """
     handler = request.protocol
     parser: Any = getattr(handler, "_payload_parser", None)
-    if parser is None:
-        return
-    check = frames.MaskCheck()
-    background = request.app[BRIDGE].background
+    if parser is not None:
+        handler._payload_parser = _MaskGuard(parser, ws, request.app[BRIDGE].background)
 
-    async def refuse() -> None:
-        await ws.close(code=1002, message=b"Client frames must be masked")
 
-    class Guard:
-        def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-            if check.feed(data):
-                return parser.feed_data(data)  # type: ignore[no-any-return]
-            if not ws.closed:
-                task = asyncio.get_running_loop().create_task(refuse())
-                background.add(task)
-                task.add_done_callback(background.discard)
-            return False, b""
+class _MaskGuard:
+    """Stands between a connection's bytes and aiohttp's WebSocket parser (one per connection: small)."""
 
-        def feed_eof(self) -> None:
-            parser.feed_eof()
+    __slots__ = ("_background", "_check", "_parser", "_ws")
 
-    handler._payload_parser = Guard()
+    def __init__(self, parser: Any, ws: web.WebSocketResponse, background: set[asyncio.Task[None]]) -> None:
+        self._parser, self._ws, self._background = parser, ws, background
+        self._check = frames.MaskCheck()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._check.feed(data):
+            return self._parser.feed_data(data)  # type: ignore[no-any-return]
+        if not self._ws.closed:
+            task = asyncio.get_running_loop().create_task(self._refuse())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()
+
+    async def _refuse(self) -> None:
+        await self._ws.close(code=1002, message=b"Client frames must be masked")
 
 
 _shed_logged = 0.0
@@ -590,12 +592,16 @@ async def _heartbeats(bridge: Bridge) -> None:
 
 
 async def _watchdog(bridge: Bridge) -> None:
-    """Close clients that take no data at all for ``--stall-timeout``, and idle ones if asked to."""
+    """Close clients whose token expired, that take no data at all for ``--stall-timeout``, and idle ones
+    if asked to."""
     s = bridge.settings
     while True:
         await asyncio.sleep(min(1.0, s.stall_timeout / 4))
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for conn in list(bridge.connections):
+            if wall >= conn.grant.expires_at:  # checked here rather than by a timer per connection: memory
+                conn.close_soon(1008, "Token expired")
+                continue
             waiting = conn.transport.get_write_buffer_size()
             if not waiting:
                 conn.stalled = None

@@ -4,7 +4,9 @@
 client side costs little) and sends each the SUBSCRIBE message, where ``{i}`` stands for the
 connection's number, starting at FIRST. It prints ``ready`` once all are subscribed, then, for every
 line it reads on stdin, a JSON report: frames and bytes received per connection, and the receive time of
-each data event by row id, for rows whose id is in the sample (every 1 in ``PGBRIDGE_SAMPLE`` rows).
+each data event by row id, for rows whose id is in the sample (every 1 in ``PGBRIDGE_SAMPLE`` rows) as
+connections in the sample receive them (every 1 in ``PGBRIDGE_SAMPLE_CONNECTIONS``; the others only
+count, which keeps the clients' CPU for receiving).
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 SAMPLE = int(os.environ.get("PGBRIDGE_SAMPLE", "1"))
+SAMPLE_CONNECTIONS = int(os.environ.get("PGBRIDGE_SAMPLE_CONNECTIONS", "1"))
 
 
 class Counter(WSListener):
-    def __init__(self, subscribe: bytes, received: dict[int, list[float]]) -> None:
+    def __init__(self, subscribe: bytes, received: dict[int, list[float]], sampled: bool) -> None:
         self.subscribe = subscribe
+        self.sampled = sampled
         self.frames = 0
         self.bytes = 0
         self.subscribed = asyncio.get_running_loop().create_future()
@@ -47,7 +51,7 @@ class Counter(WSListener):
             return  # a heartbeat, a pong
         self.frames += 1
         self.bytes += len(payload)
-        if SAMPLE:
+        if SAMPLE and self.sampled:
             row = orjson.loads(payload)["data"]["id"]
             if row % SAMPLE == 0:
                 self.received.setdefault(row, []).append(now)
@@ -62,7 +66,9 @@ async def main(url: str, count: int, first: int, subscribe: str) -> None:
         opened = await asyncio.gather(
             *(
                 ws_connect(
-                    lambda i=i: Counter(subscribe.replace("{i}", str(i)).encode(), received),
+                    lambda i=i: Counter(
+                        subscribe.replace("{i}", str(i)).encode(), received, i % SAMPLE_CONNECTIONS == 0
+                    ),
                     url,
                     max_frame_size=64 << 20,
                 )
