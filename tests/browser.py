@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,15 @@ class Browser:
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what or expression} (page errors: {self.errors})")
+            await asyncio.sleep(0.1)
+
+    async def until_console(self, predicate: Callable[[str], bool], *, timeout: float = 20.0) -> None:
+        """Wait until the page has logged a console line that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while not any(predicate(line) for line in self.console):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no such console line: {self.console} (page errors: {self.errors})")
+            await self.evaluate("0")  # console events arrive along with answers
             await asyncio.sleep(0.1)
 
     async def screenshot(self) -> bytes:
