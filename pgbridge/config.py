@@ -166,7 +166,8 @@ SERVE = (
     _serve(
         "ping_interval",
         float,
-        "seconds between WebSocket pings; a client that does not answer within half of it is closed (0: never ping)",
+        "seconds between WebSocket pings; a client that shows no sign of life for a whole interval is closed "
+        "(0: never ping)",
     ),
     _serve("handshake_timeout", float, "seconds a new connection has to complete its WebSocket upgrade"),
     _serve("idle_timeout", float, "close connections that have had no subscription for this many seconds (0: never)"),

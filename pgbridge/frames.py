@@ -10,6 +10,9 @@ import struct
 
 _TEXT = 0x81  # FIN + text opcode
 
+PING = bytes((0x89, 0))
+"""A ping with no payload."""
+
 
 def text_frame(payload: bytes) -> bytes:
     """The complete frame carrying ``payload`` as one text message."""

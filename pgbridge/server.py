@@ -130,8 +130,8 @@ class Connection:
     """
 
     __slots__ = (
-        "bridge", "closing", "cost", "feeds", "grant", "id", "idle_since", "outbox", "peer", "protocol", "queued",
-        "stalled", "transport", "written", "ws",
+        "bridge", "closing", "cost", "feeds", "grant", "id", "idle_since", "outbox", "peer", "pinged", "protocol",
+        "queued", "seen", "stalled", "taken", "transport", "written", "ws",
     )  # fmt: skip
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, grant: Grant, bridge: Bridge) -> None:
@@ -148,7 +148,9 @@ class Connection:
         self.outbox: list[bytes] = []  # live frames of this loop turn, written together by flush()
         self.queued = 0
         self.stalled: tuple[int, float] | None = None  # (bytes sent, when) while data waits unsent
-        self.idle_since = time.monotonic()
+        self.idle_since = self.seen = time.monotonic()  # seen: when the client last showed it is there
+        self.pinged: float | None = None
+        self.taken = 0  # bytes the kernel had taken for the client at the last ping
         self.cost = 0
         self.feeds: dict[str, asyncio.Task[None]] = {}
         limit = bridge.settings.outbound_limit
@@ -268,8 +270,13 @@ class Connection:
             async for msg in self.ws:
                 if self.closing:
                     break
+                self.seen = time.monotonic()
+                if msg.type is WSMsgType.PONG:
+                    continue
                 await self._drained()  # read no more requests while the client does not take its replies
-                if msg.type is WSMsgType.TEXT:
+                if msg.type is WSMsgType.PING:
+                    await self.ws.pong(msg.data)
+                elif msg.type is WSMsgType.TEXT:
                     try:
                         await self._handle(msg.data)
                     except Exception:
@@ -406,7 +413,7 @@ async def realtime(request: web.Request) -> web.StreamResponse:
         max_msg_size=s.max_frame,
         compress=False,
         timeout=s.close_timeout,
-        heartbeat=s.ping_interval or None,
+        autoping=False,  # pings are sent by one task for all connections, and answered by Connection.serve
     )
     bridge.handshakes += 1
     try:
@@ -591,6 +598,32 @@ async def _heartbeats(bridge: Bridge) -> None:
                 await asyncio.sleep(0)  # thousands of clients: let deliveries through meanwhile
 
 
+async def _pings(bridge: Bridge) -> None:
+    """Ping every client each ``--ping-interval``; close one that has shown no sign of life since the
+    previous ping (a half-open connection). One task for all clients rather than timers for each."""
+    interval = bridge.settings.ping_interval
+    while interval:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        for n, conn in enumerate(list(bridge.connections), 1):
+            waiting = conn.transport.get_write_buffer_size()
+            taken, conn.taken = conn.taken, conn.written - waiting
+            if waiting and conn.taken > taken:
+                # Data waits beyond what the kernel holds, and yet moves: the peer acknowledges it, so it is
+                # there, even if its answer to a ping waits behind the backlog.
+                conn.seen = now
+            if conn.pinged is not None and conn.seen < conn.pinged and not conn.closing:
+                log.debug("%s: no answer to a ping for %gs; closing", conn.id, interval, extra=conn.fields())
+                bridge.closed["No answer to ping"] += 1
+                conn.closing = True
+                conn.transport.abort()
+                continue
+            conn.pinged = now
+            conn.send(frames.PING)
+            if n % 1000 == 0:
+                await asyncio.sleep(0)
+
+
 async def _watchdog(bridge: Bridge) -> None:
     """Close clients whose token expired, that take no data at all for ``--stall-timeout``, and idle ones
     if asked to."""
@@ -645,6 +678,7 @@ async def _maintenance(bridge: Bridge) -> None:
 
 SIDE_TASKS: dict[str, Callable[[Bridge], Awaitable[None]]] = {
     "heartbeat": _heartbeats,
+    "ping": _pings,
     "maintenance": _maintenance,
     "watchdog": _watchdog,
 }

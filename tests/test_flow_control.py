@@ -207,6 +207,21 @@ async def test_a_peer_that_does_not_answer_pings_is_closed(dsn: str, posts: str)
         await running.stop()
 
 
+async def test_a_peer_that_answers_pings_stays(dsn: str, posts: str) -> None:
+    running = await start_bridge(dsn, ping_interval=0.2)
+    try:
+        async with running.connect() as ws:  # the websockets library answers pings by itself
+            await subscribe(ws, "posts")
+            await asyncio.sleep(2)  # ten intervals
+            conn = await asyncpg.connect(dsn)
+            await conn.execute("INSERT INTO posts (title) VALUES ('still here')")
+            await conn.close()
+            assert (await recv(ws))["data"]["title"] == "still here"
+            assert running.bridge.closed["No answer to ping"] == 0
+    finally:
+        await running.stop()
+
+
 async def test_connections_that_do_not_complete_the_upgrade_are_closed(dsn: str, posts: str) -> None:
     running = await start_bridge(dsn, handshake_timeout=1)
     try:
