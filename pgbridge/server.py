@@ -68,6 +68,7 @@ class Bridge:
     task_failures: dict[str, tuple[str, float]] = field(default_factory=dict)
     """Side tasks that failed: the error, and when (they are restarted)."""
     task_failure_count: Counter[str] = field(default_factory=Counter)
+    _unflushed: list[Connection] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -83,6 +84,18 @@ class Bridge:
             self._gap,
         )
         self.replay_slots = asyncio.Semaphore(s.max_replays)
+
+    def to_flush(self, conn: Connection) -> None:
+        """Have ``conn`` write what it queued at the end of this loop turn, with every other client that
+        did: one callback for a broadcast to thousands rather than one each."""
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unflushed.append(conn)
+
+    def _flush(self) -> None:
+        unflushed, self._unflushed = self._unflushed, []
+        for conn in unflushed:
+            conn.flush()
 
     def _set_publications(self, collections: frozenset[str]) -> None:
         self.publications = collections
@@ -169,7 +182,7 @@ class Connection:
         if waiting and waiting + len(frame) > self.bridge.settings.outbound_limit:
             return False
         if not self.outbox:
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.bridge.to_flush(self)
         self.outbox.append(frame)
         self.queued += len(frame)
         return True
@@ -178,6 +191,8 @@ class Connection:
         """Write what was queued in this loop turn, in one call: one system call for many frames."""
         outbox, self.outbox = self.outbox, []
         self.queued = 0
+        if not outbox:
+            return
         if self.closing or self.transport.is_closing():
             self.closing = True
             return
