@@ -394,6 +394,11 @@ class Fleet:
                 received.setdefault(int(row), []).extend(times)
         return frames, received
 
+    async def latencies(self, acked: dict[int, float]) -> list[float]:
+        """Seconds from each row's commit (``acked``: when, by row id) to each timed receipt of it."""
+        received = (await self.report())[1]
+        return [t - acked[row] for row, times in received.items() if row in acked for t in times]
+
     async def count(self) -> int:
         """The data events received by all connections so far."""
         for proc in self.procs:
@@ -533,8 +538,7 @@ async def latency(dsn: str) -> list[Result]:
             await fleet.open(bridge.url(token()), subscribers, sample=1, connections=10)
             acked = await paced_writes(dsn, "posts", 1000, seconds)
             await fleet.until(len(acked) * subscribers)  # every delivery is counted; 1 in 10 sockets is timed
-            received = (await fleet.report())[1]
-            bridged += [t - acked[row] for row, times in received.items() if row in acked for t in times]
+            bridged += await fleet.latencies(acked)
         finally:
             await fleet.close()
             stop(bridge)
@@ -560,7 +564,6 @@ async def connections(dsn: str) -> list[Result]:
         await fleet.open(bridge.url(token()), count, sample=1)
         await asyncio.sleep(2)
         after = rss(bridge.proc.pid)
-        latencies: list[float] = []
         acked: dict[int, float] = {}
         conn = await asyncpg.connect(dsn)
         for n in range(1 if QUICK else 5):  # one row at a time, a second apart, while heartbeats go out
@@ -569,8 +572,7 @@ async def connections(dsn: str) -> list[Result]:
             await fleet.until(count * (n + 1))
             await asyncio.sleep(1)
         await conn.close()
-        received = (await fleet.report())[1]
-        latencies = [t - acked[row] for row, times in received.items() if row in acked for t in times]
+        latencies = await fleet.latencies(acked)
     finally:
         await fleet.close()
         stop(bridge)
@@ -595,7 +597,6 @@ async def filters(dsn: str) -> list[Result]:
     per_second, seconds = (1000, 1.0) if QUICK else (5000, 4.0)
     bridge = await serve(dsn)
     fleet = Fleet()
-    latencies: list[float] = []
     try:
         first = 0
         for share, template in FILTERS:
@@ -620,8 +621,7 @@ async def filters(dsn: str) -> list[Result]:
         sustained = len(acked) / (time.perf_counter() - start)
         await asyncio.sleep(2)
         await conn.close()
-        received = (await fleet.report())[1]
-        latencies = [t - acked[row] for row, times in received.items() if row in acked for t in times]
+        latencies = await fleet.latencies(acked)
     finally:
         await fleet.close()
         stop(bridge)
