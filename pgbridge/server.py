@@ -85,6 +85,11 @@ class Bridge:
         )
         self.replay_slots = asyncio.Semaphore(s.max_replays)
 
+    def catch_up_lag(self) -> float:
+        """Seconds since the oldest change a catching-up client still waits for was made (0: none waits)."""
+        now = time.time()
+        return max((_age(feed.at, now) for feed in self.feeds), default=0.0)
+
     def to_flush(self, conn: Connection) -> None:
         """Have ``conn`` write what it queued at the end of this loop turn, with every other client that
         did: one callback for a broadcast to thousands rather than one each."""
@@ -190,14 +195,13 @@ class Connection:
     def flush(self) -> None:
         """Write what was queued in this loop turn, in one call: one system call for many frames."""
         outbox, self.outbox = self.outbox, []
-        self.queued = 0
+        size, self.queued = self.queued, 0
         if not outbox:
             return
         if self.closing or self.transport.is_closing():
             self.closing = True
             return
         self.transport.writelines(outbox)
-        size = sum(map(len, outbox))
         self.written += size
         self.bridge.frames_sent += len(outbox)
         self.bridge.bytes_sent += size
@@ -502,8 +506,6 @@ async def healthz(request: web.Request) -> web.Response:
     """200 while the listener is connected and caught up, 503 otherwise, with the figures to watch."""
     bridge = request.app[BRIDGE]
     listener = bridge.listener
-    now = time.time()
-    lags = [_age(f.at, now) for f in bridge.feeds]
     failed = {name: error for name, (error, when) in bridge.task_failures.items() if time.monotonic() - when < 300}
     body: dict[str, object] = {
         "status": "ok" if listener.connected and not failed else "degraded" if listener.connected else "unavailable",
@@ -511,7 +513,7 @@ async def healthz(request: web.Request) -> web.Response:
         "clients": len(bridge.connections),
         "changes_delivered": listener.delivered,
         "catching_up": len(bridge.feeds),
-        "catch_up_lag_seconds": round(max(lags), 3) if lags else 0.0,
+        "catch_up_lag_seconds": round(bridge.catch_up_lag(), 3),
         "catch_up_reads": bridge.catchup_reads,
     }  # fmt: skip
     if bridge.stats is not None:
@@ -539,8 +541,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     per_collection: Counter[str] = Counter()
     for conn in bridge.connections:
         per_collection.update(bridge.router.subscriptions(conn).keys())
-    now = time.time()
-    lags = [_age(f.at, now) for f in bridge.feeds]
     out = Exposition()
     out.gauge("up", "1 while the listener is connected to the database", int(listener.connected))
     out.gauge("connections", "open client connections", len(bridge.connections))
@@ -555,7 +555,7 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
     out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)
     out.gauge("catching_up", "subscriptions fed from the change log, behind the live stream", len(bridge.feeds))
-    out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", max(lags, default=0.0))
+    out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", bridge.catch_up_lag())
     if bridge.stats is not None:
         out.gauge("notification_queue_usage", "fill of the NOTIFY queue, 0 to 1 (commits that notify fail at 1)",
                   bridge.stats.notification_queue_usage)  # fmt: skip
