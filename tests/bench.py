@@ -26,7 +26,8 @@ version (what ``make test`` runs, to keep the benchmark working).
    - connections: 20,000 subscribed sockets, RSS per connection, and one row broadcast to all of them
      (p99) while heartbeats go out every second;
    - filters: 10,000 subscriptions with distinct filters (equalities, ``in``, ranges) at 5,000 changes
-     per second, p99 commit to receive; and routing cost per change with 10,000 distinct filters vs. 100.
+     per second, p99 commit to receive; and routing cost per change with 10,000 distinct filters vs. 100,
+     and with 10,000 tenants vs. one.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from pgbridge.filters import MATCH_ALL, compile_filter
 from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
 from pgbridge.migrate import migrate
-from pgbridge.router import Router, Subscription
+from pgbridge.router import Router, Subscription, tenant_key
 from tests.helpers import BridgeProcess, Cluster, free_port, healthy, token, wait_for
 
 QUICK = bool(os.environ.get("PGBRIDGE_BENCH_QUICK"))
@@ -630,27 +631,32 @@ async def filters(dsn: str) -> list[Result]:
         Result(f"filters, {count:,} distinct, {len(latencies)} deliveries, ms", "p50", percentile(latencies, 50) * 1000,
                "p99", percentile(latencies, 99) * 1000, "target p99 <= 100 at 5,000 changes/s"),
         routing_cost(count),
+        routing_cost(count, tenants=True),
     ]  # fmt: skip
 
 
-def routing_cost(count: int) -> Result:
-    """In process: the time to route one change with ``count`` distinct filters, vs. with 100."""
+def routing_cost(count: int, *, tenants: bool = False) -> Result:
+    """In process: the time to route one change with ``count`` distinct filters vs. 100, or with ``count``
+    tenants (tenant isolation on ``author_id``, no filter) vs. one."""
     rng = random.Random(2)
     timings = []
-    for subscriptions in (100, count):
+    fewer = 1 if tenants else 100
+    for subscriptions in (fewer, count):
         # each change matches exactly one subscription, whatever their number
         rows = [Change(1, n, "posts", "create", "2026-01-01T00:00:00.000Z",
                        (orjson.dumps({"id": n, "author_id": rng.randrange(subscriptions), "title": "x"}),), None)
                 for n in range(5000)]  # fmt: skip
-        router = Router()
+        router = Router("author_id" if tenants else None)
         for i in range(subscriptions):
-            router.add(Subscription(CountingSink(), "posts", ALL, compile_filter({"author_id": i})))
+            router.add(Subscription(CountingSink(), "posts", ALL, compile_filter(None if tenants else {"author_id": i}),
+                                    tenant_key(i) if tenants else None))  # fmt: skip
         started = time.perf_counter()
         for change in rows:
             router.route(change, 0)
         timings.append((time.perf_counter() - started) / len(rows) * 1e6)
-    return Result(f"routing per change, {count:,} vs 100 filters", "100 filters us", timings[0],
-                  f"{count:,} filters us", timings[1], "cost follows matches, not subscriptions: ratio ~1")  # fmt: skip
+    what = "tenants" if tenants else "filters"
+    return Result(f"routing per change, {count:,} vs {fewer} {what}", f"{fewer} {what} us", timings[0],
+                  f"{count:,} {what} us", timings[1], "cost follows matches, not subscriptions: ratio ~1")  # fmt: skip
 
 
 async def checkpoint(dsn: str) -> None:
