@@ -398,7 +398,7 @@ class Fleet:
     async def latencies(self, acked: dict[int, float]) -> list[float]:
         """Seconds from each row's commit (``acked``: when, by row id) to each timed receipt of it."""
         received = (await self.report())[1]
-        return [t - acked[row] for row, times in received.items() if row in acked for t in times]
+        return [since_commit(t, acked[row]) for row, times in received.items() if row in acked for t in times]
 
     async def count(self) -> int:
         """The data events received by all connections so far."""
@@ -443,6 +443,13 @@ async def serve(dsn: str, **env: str) -> BridgeProcess:
 def stop(bridge: BridgeProcess) -> None:
     bridge.proc.terminate()
     bridge.proc.communicate(timeout=30)
+
+
+def since_commit(received: float, acked: float) -> float:
+    """Seconds from a commit, known by when its writer had the reply, to a receipt of the change. A
+    listener of the same database can be told before the writer is (the two replies race): that is 0,
+    not a negative latency."""
+    return max(0.0, received - acked)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -530,7 +537,7 @@ async def latency(dsn: str) -> list[Result]:
         conn, heard = await stamped_listener(dsn)
         acked = await paced_writes(dsn, "naive", 1000, seconds)
         await asyncio.sleep(0.5)
-        bare += [heard[row] - at for row, at in acked.items() if row in heard]
+        bare += [since_commit(heard[row], at) for row, at in acked.items() if row in heard]
         await conn.close()
 
         bridge = await serve(dsn)

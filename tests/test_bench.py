@@ -22,5 +22,10 @@ def test_the_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     figures = json.loads((tmp_path / ".pgbridge" / "bench.json").read_text())
     names = [f["scenario"] for f in figures]
     assert [s for s in SCENARIOS if not any(name.startswith(s) or s in name for name in names)] == []
-    assert all(f["baseline_value"] > 0 and f["value"] > 0 and f["ratio"] > 0 for f in figures), figures
+    for f in figures:
+        assert f["value"] > 0, f
+        if f["baseline"].startswith("bare listener p"):  # told of a commit as soon as its writer: 0 ms is real
+            assert f["baseline_value"] >= 0, f
+        else:
+            assert f["baseline_value"] > 0 and f["ratio"] > 0, f
     assert all(f["scenario"] in done.stdout for f in figures)  # the table is printed too
