@@ -183,6 +183,28 @@ async def read(
     return changes, reached
 
 
+async def count(conn: asyncpg.Connection, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
+    """How many positions of ``collection`` lie after ``after`` and up to ``upto`` (both ``(tick, id)``),
+    as far as the change log still holds them: a truncate is one, any other change one per row."""
+    found: int = await conn.fetchval(
+        """SELECT coalesce(sum(greatest(c.nrows, 1)), 0)
+           FROM pgbridge.ticks t
+           JOIN pgbridge.ticks p ON p.n = t.n - 1
+           CROSS JOIN LATERAL (
+               SELECT c.nrows FROM pgbridge.changes c
+               WHERE c.id > CASE WHEN t.n > $1 THEN t.min_id - 1 ELSE greatest($2, t.min_id - 1) END
+                 AND c.id <= CASE WHEN t.n < $3 THEN t.max_id ELSE least($4, t.max_id) END
+                 AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
+                 AND c.collection = $5
+           ) c
+           WHERE t.n >= $1 AND t.n <= $3""",
+        *after,
+        *upto,
+        collection,
+    )
+    return int(found)
+
+
 async def locate(conn: asyncpg.Connection, change_id: int) -> int | None:
     """The tick of change ``change_id``; None when it is not (or no longer, or not yet) in the log."""
     found: int | None = await conn.fetchval(

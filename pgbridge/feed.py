@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
+    id: str
+    """Names the client in logs and health."""
     closing: bool
 
     def send(self, frame: bytes) -> None:
@@ -44,6 +46,9 @@ class LogReader(Protocol):
 
     async def locate(self, change_id: int) -> int | None:
         """As :func:`pgbridge.changelog.locate`; raises :class:`DatabaseUnavailable`."""
+
+    async def count(self, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
+        """As :func:`pgbridge.changelog.count`; raises :class:`DatabaseUnavailable`."""
 
 
 class Feed:
@@ -76,6 +81,20 @@ class Feed:
         self.reads = 0
         self.at: str | None = first.timestamp if first is not None else None
         """The database time of the change being fed: how far behind the client is."""
+        # Positions of the collection up to ``done``, counted as the listener's ``routed`` counts them;
+        # None until counted (a client resuming from ``since``).
+        self._passed: int | None = listener.routed[sub.collection] if first is not None else None
+
+    @property
+    def client(self) -> str:
+        return self._sink.id
+
+    @property
+    def lag(self) -> int | None:
+        """How many positions of the collection the listener has routed that the client has yet to pass."""
+        if self._passed is None:
+            return None
+        return max(0, self._listener.routed[self.sub.collection] - self._passed)
 
     async def run(self) -> None:
         """Feed until caught up, and return with the subscription live."""
@@ -95,6 +114,8 @@ class Feed:
                 self._join()
                 return
             try:
+                if self._passed is None:
+                    await self._count(head)
                 self._fetch(head) if self._history.covers(self._after) else await self._read(head)
             except Pruned:
                 self._join()
@@ -112,6 +133,19 @@ class Feed:
         self.done = self._listener.head
         self._queue.clear()
         self._router.attach(self.sub)
+
+    async def _count(self, head: Position) -> None:
+        """Count the positions from ``done`` to ``head``: from memory where the history holds them, the
+        rest with one query over the same entries the reads will take."""
+        collection = self.sub.collection
+        routed, base = self._listener.routed[collection], self._history.base
+        if base is None:  # the listener has not started yet
+            return
+        pending = self._history.count(max(self._after, base), head, collection)
+        if self._after < base:
+            pending += await self._reader.count(self._after, base, collection)
+        # The rows of done's own change up to done were delivered before.
+        self._passed = routed - pending + self.done[2] + 1
 
     def _fetch(self, head: Position) -> None:
         changes = self._history.after(self._after, PAGE)
@@ -142,5 +176,7 @@ class Feed:
                     if self._sink.closing:
                         return True
                 self.done = position
+                if self._passed is not None:
+                    self._passed += 1
             self._queue.popleft()
         return True

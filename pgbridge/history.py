@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-from pgbridge.events import Change
+from pgbridge.events import Change, Position
 
 
 class History:
@@ -49,6 +49,18 @@ class History:
         """Up to ``limit`` held changes positioned after ``after``; call only when :meth:`covers` it."""
         start = bisect.bisect_right(self._keys, after)
         return [self._changes[i] for i in range(start, min(start + limit, len(self._changes)))]
+
+    def count(self, after: tuple[int, int], upto: Position, collection: str) -> int:
+        """How many positions of ``collection`` held here lie after ``after`` and up to ``upto``."""
+        last = upto[:2]
+        found = 0
+        for i in range(bisect.bisect_right(self._keys, after), len(self._changes)):
+            key, change = self._keys[i], self._changes[i]
+            if key > last:
+                break
+            if change.collection == collection:
+                found += change.units if key < last else min(change.units, upto[2] + 1)
+        return found
 
 
 def _size(change: Change) -> int:

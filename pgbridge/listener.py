@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,6 +83,8 @@ class Listener:
         self.connected = False
         self.problem: str | None = "not connected yet"
         self.delivered = 0
+        self.routed: Counter[str] = Counter()
+        """Rows routed so far (positions up to :attr:`head`), by collection: how far behind a client is."""
         self.reconnects = 0
         self.ticks_read = 0
         self.newest_tick = 0
@@ -224,6 +227,7 @@ class Listener:
                     self._route(change, row)
                     self.head = change.position(row)
                     self.delivered += 1
+                    self.routed[change.collection] += 1
                     if loop.time() - yielded > _YIELD_EVERY:
                         self._signal()
                         await asyncio.sleep(0)

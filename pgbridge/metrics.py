@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Mapping
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -30,6 +31,30 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
+
+
+class Rate:
+    """Events per second over the last ``window`` seconds, kept as counts per second."""
+
+    __slots__ = ("_seconds", "_window")
+
+    def __init__(self, window: int = 10) -> None:
+        self._window = window
+        self._seconds: deque[list[int]] = deque()  # [second, count], oldest first
+
+    def add(self, now: float) -> None:
+        second = int(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += 1
+        else:
+            self._seconds.append([second, 1])
+            while self._seconds[0][0] <= second - self._window:
+                self._seconds.popleft()
+
+    def per_second(self, now: float) -> float:
+        """The average over the last ``window`` whole seconds (the current one not yet over is left out)."""
+        second = int(now)
+        return sum(n for s, n in self._seconds if second - self._window <= s < second) / self._window
 
 
 def _escape(value: str) -> str:

@@ -28,7 +28,7 @@ from pgbridge.events import Change
 from pgbridge.feed import Feed
 from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
-from pgbridge.metrics import CONTENT_TYPE, Exposition
+from pgbridge.metrics import CONTENT_TYPE, Exposition, Rate
 from pgbridge.router import Router, Subscription, tenant_key
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Bridge:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     closed: Counter[str] = field(default_factory=Counter)
     catchup_reads: int = 0
+    catchup_rate: Rate = field(default_factory=Rate)
     replays: int = 0
     frames_sent: int = 0
     bytes_sent: int = 0
@@ -89,6 +90,21 @@ class Bridge:
         """Seconds since the oldest change a catching-up client still waits for was made (0: none waits)."""
         now = time.time()
         return max((_age(feed.at, now) for feed in self.feeds), default=0.0)
+
+    def catch_up_lag_events(self) -> int:
+        """Positions the furthest catching-up client has yet to pass (0: none is behind)."""
+        return max((feed.lag or 0 for feed in self.feeds), default=0)
+
+    def furthest_behind(self, limit: int = 10) -> list[dict[str, object]]:
+        """The catching-up subscriptions furthest behind, each with its lag in events (None while a
+        resumed one is being counted) and in seconds."""
+        now = time.time()
+        lags = sorted(((feed.lag or 0, _age(feed.at, now), feed) for feed in self.feeds), key=lambda f: f[:2])
+        return [
+            {"client": feed.client, "collection": feed.sub.collection,
+             "lag_events": feed.lag, "lag_seconds": round(seconds, 3)}
+            for _, seconds, feed in lags[::-1][:limit]
+        ]  # fmt: skip
 
     def to_flush(self, conn: Connection) -> None:
         """Have ``conn`` write what it queued at the end of this loop turn, with every other client that
@@ -120,6 +136,7 @@ class Bridge:
         """The change log as catching-up clients read it: at most ``--max-replays`` reads at a time."""
         async with self.replay_slots:
             self.catchup_reads += 1
+            self.catchup_rate.add(time.monotonic())
             found: tuple[list[Change], tuple[int, int]] = await self._with_pool(
                 lambda conn: changelog.read(conn, after, upto, collection)
             )
@@ -129,6 +146,11 @@ class Bridge:
         async with self.replay_slots:
             tick: int | None = await self._with_pool(lambda conn: changelog.locate(conn, change_id))
             return tick
+
+    async def count(self, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
+        async with self.replay_slots:
+            found: int = await self._with_pool(lambda conn: changelog.count(conn, after, upto, collection))
+            return found
 
     async def _with_pool(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         if self.pool is None:
@@ -514,8 +536,12 @@ async def healthz(request: web.Request) -> web.Response:
         "changes_delivered": listener.delivered,
         "catching_up": len(bridge.feeds),
         "catch_up_lag_seconds": round(bridge.catch_up_lag(), 3),
+        "catch_up_lag_events": bridge.catch_up_lag_events(),
         "catch_up_reads": bridge.catchup_reads,
+        "catch_up_reads_per_second": bridge.catchup_rate.per_second(time.monotonic()),
     }  # fmt: skip
+    if bridge.feeds:
+        body["furthest_behind"] = bridge.furthest_behind()
     if bridge.stats is not None:
         body["notification_queue_usage"] = bridge.stats.notification_queue_usage
         body["changelog_transactions"] = bridge.stats.changelog_transactions
@@ -556,6 +582,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)
     out.gauge("catching_up", "subscriptions fed from the change log, behind the live stream", len(bridge.feeds))
     out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", bridge.catch_up_lag())
+    out.gauge("catch_up_lag_events", "row changes the furthest catching-up client has yet to get past",
+              bridge.catch_up_lag_events())  # fmt: skip
     if bridge.stats is not None:
         out.gauge("notification_queue_usage", "fill of the NOTIFY queue, 0 to 1 (commits that notify fail at 1)",
                   bridge.stats.notification_queue_usage)  # fmt: skip

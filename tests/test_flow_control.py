@@ -15,6 +15,8 @@ import pytest
 import websockets
 
 from pgbridge import changelog
+from pgbridge.events import MAX_ID, Change
+from pgbridge.history import History
 from tests.helpers import (
     BridgeProcess,
     Ledger,
@@ -48,6 +50,20 @@ async def test_a_burst_reaches_a_client_reading_at_full_speed(dsn: str, db: asyn
         assert running.bridge.closed["Slow consumer"] == 0
     finally:
         await running.stop()
+
+
+def test_history_counts_the_positions_of_one_collection() -> None:
+    history = History(1 << 20)
+    history.reset((1, MAX_ID))
+    for tick, change_id, collection, rows in [(2, 5, "posts", 3), (2, 6, "notes", 2), (3, 4, "posts", 1)]:
+        history.append(Change(tick, change_id, collection, "create", "", (b"{}",) * rows, None))
+    history.append(Change(3, 7, "posts", "truncate", "", (), None))
+    assert history.count((1, MAX_ID), (3, MAX_ID, 0), "posts") == 3 + 1 + 1
+    assert history.count((1, MAX_ID), (3, MAX_ID, 0), "notes") == 2
+    assert history.count((2, 5), (3, MAX_ID, 0), "posts") == 2
+    assert history.count((1, MAX_ID), (2, 5, 1), "posts") == 2  # rows 0 and 1 of change 5, up to the head
+    assert history.count((1, MAX_ID), (2, 6, 0), "posts") == 3
+    assert history.count((3, MAX_ID), (3, MAX_ID, 0), "posts") == 0
 
 
 def _age(event: dict[str, Any]) -> float:
@@ -236,17 +252,72 @@ async def test_connections_that_do_not_complete_the_upgrade_are_closed(dsn: str,
         await running.stop()
 
 
+async def health(port: int) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+async def watch_lag(ws: Any, port: int, written: int) -> list[tuple[int, int]]:
+    """Read ``ws`` to the end, a frame at a time, asking /healthz after each; return (received, lag events)."""
+    seen: list[tuple[int, int]] = []
+    received = 0
+    while received < written:
+        body = await health(port)
+        if body["catching_up"]:
+            [entry] = body["furthest_behind"]
+            assert entry["collection"] == "posts" and body["catch_up_lag_events"] == entry["lag_events"]
+            seen.append((received, entry["lag_events"]))
+        await recv(ws)
+        received += 1
+    return seen
+
+
 async def test_health_reports_clients_catching_up(dsn: str, db: asyncpg.Connection) -> None:
     await db.execute(POSTS)
     running = await start_bridge(dsn, outbound_limit=64 * 1024, history_bytes=64 * 1024)
     try:
         async with running.connect(max_queue=1) as slow:
             await subscribe(slow, "posts")
-            await flood_until_behind(db, running)
+            before = running.bridge.frames_sent
+            written = await flood_until_behind(db, running)
             await asyncio.sleep(1.1)
-            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
-                body = await resp.json()
+            body = await health(running.port)
             assert body["catching_up"] == 1
             assert body["catch_up_lag_seconds"] >= 1  # the row it waits to send was written over a second ago
+            assert body["furthest_behind"][0]["lag_seconds"] >= 1
+            # It reads nothing, so the server waits to send more: every row not yet sent is counted.
+            assert body["catch_up_lag_events"] == written - (running.bridge.frames_sent - before) > 0
+            seen = await watch_lag(slow, running.port, written)
+            assert seen and all(lag <= written - received for received, lag in seen)
+            assert [lag for _, lag in seen] == sorted((lag for _, lag in seen), reverse=True)
+            body = await health(running.port)
+            assert (body["catching_up"], body["catch_up_lag_events"]) == (0, 0) and "furthest_behind" not in body
+    finally:
+        await running.stop()
+
+
+async def test_health_counts_the_lag_of_a_client_resuming_from_far_back(dsn: str, db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    running = await start_bridge(dsn, outbound_limit=64 * 1024, history_bytes=64 * 1024)
+    try:
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            for _ in range(6):
+                await db.execute(FLOOD)
+            events = await until_quiet(ws, 1)
+            assert len(events) == 600
+        async with running.connect(max_queue=1) as again:
+            await subscribe(again, "posts", since=events[0]["id"])
+            before = running.bridge.frames_sent
+            await asyncio.sleep(1)
+            # Counted in the database (the history holds only the last few rows), less what was sent.
+            body = await health(running.port)
+            assert body["catch_up_lag_events"] == 599 - (running.bridge.frames_sent - before) > 0
+            seen = await watch_lag(again, running.port, 599)
+            assert seen and all(lag <= 599 - received for received, lag in seen)
+            assert [lag for _, lag in seen] == sorted((lag for _, lag in seen), reverse=True)
+            body = await health(running.port)
+            assert body["catch_up_reads"] > 0 and body["catch_up_reads_per_second"] > 0
     finally:
         await running.stop()

@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgbridge.metrics import Exposition, Histogram
+from pgbridge.metrics import Exposition, Histogram, Rate
 from tests.helpers import close_frame, collect, free_port, start_bridge, subscribe, token, wait_for
 
 
@@ -106,6 +106,18 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped() -> None:
     assert found[("pgbridge_wait_seconds_sum", ())] == pytest.approx(7.65)
     assert found[("pgbridge_things", (("name", 'a"b\\c\nd'),))] == 1.5
     assert found[("pgbridge_events_total", ())] == 12
+
+
+def test_a_rate_averages_the_last_whole_seconds() -> None:
+    rate = Rate(window=10)
+    for now in (100.1, 100.5, 100.9, 105.0, 109.99):
+        rate.add(now)
+    assert rate.per_second(109.99) == 0.4  # seconds 100 and 105; the current second is not over
+    assert rate.per_second(110.0) == 0.5
+    assert rate.per_second(111.0) == 0.2  # second 100 left the window
+    assert rate.per_second(200.0) == 0.0
+    rate.add(200.0)  # old seconds are dropped, not kept forever
+    assert rate.per_second(201.0) == 0.1
 
 
 async def test_metrics_answer_while_the_database_is_unreachable() -> None:

@@ -230,6 +230,35 @@ async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.C
     assert reached == (10, MAX_ID)
 
 
+async def test_counting_positions_agrees_with_reading_them(db: asyncpg.Connection) -> None:
+    await db.execute(POSTS)
+    await db.execute("CREATE TABLE notes (id bigserial PRIMARY KEY); SELECT pgbridge.publish('notes')")
+    for statement, then_tick in (
+        ("INSERT INTO posts (title) SELECT 'a' FROM generate_series(1, 3)", True),
+        ("INSERT INTO notes DEFAULT VALUES", False),  # several changes in one tick
+        ("UPDATE posts SET title = 'b' WHERE id <= 2", True),
+        ("TRUNCATE posts", False),
+        ("INSERT INTO posts (title) VALUES ('c')", True),
+    ):
+        await db.execute(statement)
+        if then_tick:
+            await changelog.tick(db)
+    upto = await changelog.newest_tick(db)
+    changes, _ = await changelog.read(db, (0, MAX_ID), upto)
+    keys = [(c.tick, c.change_id) for c in changes]
+    for start in [(0, MAX_ID), *keys]:
+        for end in keys:
+            expected = {
+                name: sum(
+                    c.units for c, key in zip(changes, keys, strict=True) if start < key <= end and c.collection == name
+                )
+                for name in ("posts", "notes")
+            }
+            counted = {name: await changelog.count(db, start, end, name) for name in ("posts", "notes")}
+            assert counted == expected, (start, end)
+    assert await changelog.count(db, (0, MAX_ID), (upto, MAX_ID), "posts") == 3 + 2 + 1 + 1
+
+
 async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(dsn: str, db: asyncpg.Connection) -> None:
     from tests.helpers import token
 
