@@ -148,8 +148,8 @@ class Feed:
         self._passed = routed - pending + self.done[2] + 1
 
     def _fetch(self, head: Position) -> None:
-        changes = self._history.after(self._after, PAGE)
-        self._queue.extend(c for c in changes if c.collection == self.sub.collection)
+        changes = self._history.after(self._after, PAGE, self.sub.collection)
+        self._queue.extend(changes)
         self._after = (changes[-1].tick, changes[-1].change_id) if len(changes) == PAGE else (head[0], head[1])
 
     async def _read(self, head: Position) -> None:

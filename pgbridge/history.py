@@ -2,15 +2,29 @@
 
 A client that is a little behind (a burst, a slow network) catches up from here without a database
 read; one that is further behind reads the change log. The window holds whole changes in position
-order and is bounded by the bytes of their rows.
+order and is bounded by the bytes of their rows. Each collection's changes are also indexed on their
+own, with a running count of their positions, so that finding where a client is, and how far it has
+to go, costs a bisection however many changes of other collections lie in between.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections import deque
+from typing import NamedTuple
 
 from pgbridge.events import Change, Position
+
+
+class _Entry(NamedTuple):
+    key: tuple[int, int]
+    before: int
+    """Positions of the collection held before this change (a running count: only differences matter)."""
+    change: Change
+
+
+def _key(entry: _Entry) -> tuple[int, int]:
+    return entry.key
 
 
 class History:
@@ -19,7 +33,7 @@ class History:
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._changes: deque[Change] = deque()
-        self._keys: deque[tuple[int, int]] = deque()
+        self._collections: dict[str, deque[_Entry]] = {}
         self._bytes = 0
         self.base: tuple[int, int] | None = None
         """Everything after this ``(tick, id)`` up to the newest change is here; None until reset."""
@@ -27,17 +41,22 @@ class History:
     def reset(self, base: tuple[int, int]) -> None:
         """Forget everything: the next change appended follows ``base``."""
         self._changes.clear()
-        self._keys.clear()
+        self._collections.clear()
         self._bytes = 0
         self.base = base
 
     def append(self, change: Change) -> None:
+        entries = self._collections.setdefault(change.collection, deque())
+        before = entries[-1].before + entries[-1].change.units if entries else 0
+        entries.append(_Entry((change.tick, change.change_id), before, change))
         self._changes.append(change)
-        self._keys.append((change.tick, change.change_id))
         self._bytes += _size(change)
         while self._bytes > self._max_bytes and len(self._changes) > 1:
             old = self._changes.popleft()
-            self._keys.popleft()
+            entries = self._collections[old.collection]
+            entries.popleft()  # the oldest of its collection too
+            if not entries:
+                del self._collections[old.collection]
             self._bytes -= _size(old)
             self.base = (old.tick, old.change_id)
 
@@ -45,22 +64,24 @@ class History:
         """Whether every change after ``after`` (up to the newest) is held here."""
         return self.base is not None and after >= self.base
 
-    def after(self, after: tuple[int, int], limit: int) -> list[Change]:
-        """Up to ``limit`` held changes positioned after ``after``; call only when :meth:`covers` it."""
-        start = bisect.bisect_right(self._keys, after)
-        return [self._changes[i] for i in range(start, min(start + limit, len(self._changes)))]
+    def after(self, after: tuple[int, int], limit: int, collection: str) -> list[Change]:
+        """Up to ``limit`` held changes of ``collection`` positioned after ``after``; call only when
+        :meth:`covers` it."""
+        entries = self._collections.get(collection, ())
+        start = bisect.bisect_right(entries, after, key=_key)
+        return [entries[i].change for i in range(start, min(start + limit, len(entries)))]
 
     def count(self, after: tuple[int, int], upto: Position, collection: str) -> int:
         """How many positions of ``collection`` held here lie after ``after`` and up to ``upto``."""
+        entries = self._collections.get(collection, ())
         last = upto[:2]
-        found = 0
-        for i in range(bisect.bisect_right(self._keys, after), len(self._changes)):
-            key, change = self._keys[i], self._changes[i]
-            if key > last:
-                break
-            if change.collection == collection:
-                found += change.units if key < last else min(change.units, upto[2] + 1)
-        return found
+        start = bisect.bisect_right(entries, after, key=_key)
+        end = bisect.bisect_right(entries, last, key=_key)
+        if end <= start:
+            return 0
+        final = entries[end - 1]
+        held = final.change.units if final.key < last else min(final.change.units, upto[2] + 1)
+        return final.before + held - entries[start].before
 
 
 def _size(change: Change) -> int:
