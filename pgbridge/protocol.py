@@ -63,6 +63,14 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         raise ProtocolError("Invalid collection: must be a string", action=action)
     if action == "unsubscribe":
         return Unsubscribe(collection)
+    if message.get("snapshot") not in (None, False):
+        # Ignoring it would leave the client waiting for rows that never come.
+        raise ProtocolError(
+            'Snapshots are not offered by this server: subscribe without "snapshot", then read the rows; '
+            "every change committed after the subscribed reply arrives as an event",
+            action=action,
+            collection=collection,
+        )
     try:
         return Subscribe(
             collection,

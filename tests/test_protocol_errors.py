@@ -85,6 +85,15 @@ from tests.helpers import (
             },
         ),
         (
+            '{"action": "subscribe", "collection": "posts", "snapshot": true, "limit": 10}',
+            {
+                "error": 'Snapshots are not offered by this server: subscribe without "snapshot", then read the '
+                "rows; every change committed after the subscribed reply arrives as an event",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
             '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {"like": "x"}}}',
             {
                 "error": "Invalid filter: unknown operator 'like' on author_id "
