@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
 import hmac
 import itertools
 import logging
@@ -99,11 +100,11 @@ class Bridge:
         """The catching-up subscriptions furthest behind, each with its lag in events (None while a
         resumed one is being counted) and in seconds."""
         now = time.time()
-        lags = sorted(((feed.lag or 0, _age(feed.at, now), feed) for feed in self.feeds), key=lambda f: f[:2])
+        lags = ((feed.lag, _age(feed.at, now), feed) for feed in self.feeds)
         return [
-            {"client": feed.client, "collection": feed.sub.collection,
-             "lag_events": feed.lag, "lag_seconds": round(seconds, 3)}
-            for _, seconds, feed in lags[::-1][:limit]
+            {"client": feed.client, "collection": feed.sub.collection, "lag_events": events,
+             "lag_seconds": round(seconds, 3)}
+            for events, seconds, feed in heapq.nlargest(limit, lags, key=lambda f: (f[0] or 0, f[1]))
         ]  # fmt: skip
 
     def to_flush(self, conn: Connection) -> None:
@@ -133,30 +134,30 @@ class Bridge:
                 conn.send(frames.text_frame(protocol.resync_required(sub.collection)))
 
     async def read(self, after: tuple[int, int], upto: int, collection: str) -> tuple[list[Change], tuple[int, int]]:
-        """The change log as catching-up clients read it: at most ``--max-replays`` reads at a time."""
-        async with self.replay_slots:
+        """The change log as catching-up clients read it."""
+
+        async def query(conn: asyncpg.Connection) -> tuple[list[Change], tuple[int, int]]:
             self.catchup_reads += 1
             self.catchup_rate.add(time.monotonic())
-            found: tuple[list[Change], tuple[int, int]] = await self._with_pool(
-                lambda conn: changelog.read(conn, after, upto, collection)
-            )
-            return found
+            return await changelog.read(conn, after, upto, collection)
+
+        found: tuple[list[Change], tuple[int, int]] = await self._with_pool(query)
+        return found
 
     async def locate(self, change_id: int) -> int | None:
-        async with self.replay_slots:
-            tick: int | None = await self._with_pool(lambda conn: changelog.locate(conn, change_id))
-            return tick
+        tick: int | None = await self._with_pool(lambda conn: changelog.locate(conn, change_id))
+        return tick
 
     async def count(self, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
-        async with self.replay_slots:
-            found: int = await self._with_pool(lambda conn: changelog.count(conn, after, upto, collection))
-            return found
+        found: int = await self._with_pool(lambda conn: changelog.count(conn, after, upto, collection))
+        return found
 
     async def _with_pool(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+        """Run ``query`` for a client catching up or resuming: at most ``--max-replays`` at a time."""
         if self.pool is None:
             raise DatabaseUnavailable("the bridge is starting")
         try:
-            async with self.pool.acquire() as conn:
+            async with self.replay_slots, self.pool.acquire() as conn:
                 return await query(conn)
         except DATABASE_ERRORS as exc:
             raise DatabaseUnavailable(str(exc) or type(exc).__name__) from exc
