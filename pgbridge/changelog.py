@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = 2
 """The format of the change log this bridge reads (``pgbridge.log_format()``)."""
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The oldest schema (``pgbridge.migrations``) that has everything this bridge uses."""
+WAKE_BELOW = 0.5
+"""Writers send wake-ups only while the NOTIFY queue is less full than this (``capture_v3``): past it,
+the bridge polls."""
 
 PAGE = 1000
 """At most this many change-log entries per read..."""
@@ -68,15 +71,29 @@ async def check_schema(conn: asyncpg.Connection) -> None:
         )
 
 
-async def tick(conn: asyncpg.Connection) -> tuple[int, datetime]:
-    """Record a tick if transactions with changes committed since the last one; return the newest tick
-    and when it was taken.
+@dataclass(frozen=True, slots=True)
+class Tick:
+    n: int
+    """The newest tick."""
+    at: datetime
+    """When it was taken (a tick taken again after a crash lost it has another time)."""
+    queue: float
+    """How full the NOTIFY queue was (0 to 1): past :data:`WAKE_BELOW`, writers send no wake-ups."""
+
+
+async def tick(conn: asyncpg.Connection) -> Tick:
+    """Record a tick if transactions with changes committed since the last one; return the newest.
 
     Must run outside a transaction block. The tick may commit without waiting for its WAL to be flushed
     (the listener's session does so): call :func:`durable` before routing its batch.
     """
-    row = await conn.fetchrow("SELECT n, at FROM pgbridge.tick_v2()")
-    return int(row["n"]), row["at"]
+    row = await conn.fetchrow("SELECT t.n, t.at, pg_notification_queue_usage() AS queue FROM pgbridge.tick_v3() t")
+    return Tick(int(row["n"]), row["at"], float(row["queue"]))
+
+
+async def channels(conn: asyncpg.Connection) -> dict[str, str]:
+    """The NOTIFY channels pgbridge's functions notify on, by purpose (``wake``, ``publications``)."""
+    return {r["purpose"]: r["name"] for r in await conn.fetch("SELECT purpose, name FROM pgbridge.channels")}
 
 
 async def durable(conn: asyncpg.Connection, patience: float) -> bool:

@@ -189,7 +189,7 @@ SERVE = (
     _serve("probe_timeout", float, "seconds a database query may take before the connection is dropped"),
     _serve("poll_interval", float, "seconds between polls while some table is published with wake => false"),
     _serve("stats_interval", float, "seconds between reads of the change log's size and the NOTIFY queue"),
-    _serve("queue_warning", float, "NOTIFY queue fill (0 to 1) above which a warning is logged"),
+    _serve("queue_warning", float, "NOTIFY queue fill (0 to 1) from which /healthz reports degraded"),
     _serve("metrics_token", str, "bearer token /metrics requires (default: none, open to all)"),
     _serve("loop", str, "event loop: uvloop (the fast extra), asyncio, or auto: uvloop when installed"),
 )

@@ -1,11 +1,16 @@
 """The listener: one dedicated PostgreSQL connection that turns committed changes into routed rows.
 
-It never trusts a notification: any role may ``NOTIFY pgbridge``, so a notification only wakes it up.
-Woken (or every poll interval), it records a tick (``pgbridge.tick_v2``), reads the new ticks' changes
-from the change log in position order, and routes them row by row. Its position is durable (ticks are),
-so after a lost connection it reconnects and continues from the row after the last one it routed:
-every committed change is routed once, in order, whatever happened to the connection. The tick query
-doubles as the liveness probe, with a timeout, so a connection that stops answering is replaced.
+Writers wake it with an empty notification on a channel whose name only pgbridge's roles can read
+(``pgbridge.channels``), so no other role can flood it. Woken (or every poll interval), it records a
+tick (``pgbridge.tick_v3``), reads the new ticks' changes from the change log in position order, and
+routes them row by row. Its position is durable (ticks are), so after a lost connection it reconnects
+and continues from the row after the last one it routed: every committed change is routed once, in
+order, whatever happened to the connection. The tick query doubles as the liveness probe, with a
+timeout, so a connection that stops answering is replaced.
+
+While the NOTIFY queue is half full or more, writers send no wake-ups (a full queue would fail their
+commits), so the listener polls; and it registers its LISTEN again, which moves its backend's place in
+the queue to the end, so that it is never what holds the queue back.
 """
 
 from __future__ import annotations
@@ -25,14 +30,13 @@ from pgbridge import changelog
 from pgbridge.errors import SchemaError
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
+from pgbridge.logs import OncePer
 from pgbridge.metrics import Histogram
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "pgbridge"
-PUBLICATIONS_CHANNEL = "pgbridge_publications"
-WAKE_PAYLOAD = str(changelog.LOG_FORMAT)
 _YIELD_EVERY = 0.005  # seconds of routing between two yields to the event loop
+_RELISTEN_EVERY = 1.0  # seconds between two re-registrations while the NOTIFY queue is too full
 
 
 class ConnectionLost(Exception):
@@ -91,8 +95,10 @@ class Listener:
         self.forced_flushes = 0
         self.latency = Histogram()
         """Seconds from each change's statement time in the database to its routing to clients."""
+        self.queue_usage = 0.0
+        """How full the NOTIFY queue was at the last tick (0 to 1)."""
         self._failures = 0
-        self._ignored_at = 0.0
+        self._crowded_log = OncePer(60)
 
     async def advanced(self) -> None:
         """Wait until :attr:`head` moves."""
@@ -100,7 +106,7 @@ class Listener:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with capped, jittered backoff."""
-        last_logged = ("", 0.0)
+        unavailable_log = OncePer(60)
         while True:
             try:
                 await self._session()
@@ -110,10 +116,8 @@ class Listener:
                 self._failures += 1
                 self.connected = False
                 self.problem = _describe(exc)
-                now = time.monotonic()
-                if self.problem != last_logged[0] or now - last_logged[1] > 60:
+                if unavailable_log(self.problem):
                     log.warning("database connection unavailable: %s; reconnecting", self.problem)
-                    last_logged = (self.problem, now)
             self.reconnects += 1
             delay = random.uniform(0, min(self._settings.backoff_max, 0.1 * 2 ** min(self._failures, 10)))
             await asyncio.sleep(delay)
@@ -141,9 +145,7 @@ class Listener:
 
         conn.add_termination_listener(on_lost)
 
-        def on_wake(_c: object, _pid: int, _channel: str, payload: str) -> None:
-            if payload != WAKE_PAYLOAD:
-                self._ignored(payload)
+        def on_wake(_c: object, _pid: int, _channel: str, _payload: str) -> None:
             wake.set()
 
         def on_publication(_c: object, _pid: int, _channel: str, _payload: str) -> None:
@@ -152,9 +154,10 @@ class Listener:
 
         try:
             await changelog.check_schema(conn)
-            await conn.add_listener(CHANNEL, on_wake)
-            await conn.add_listener(PUBLICATIONS_CHANNEL, on_publication)
-            interval = await self._publications(conn)
+            channels = await changelog.channels(conn)
+            await conn.add_listener(channels["wake"], on_wake)
+            await conn.add_listener(channels["publications"], on_publication)
+            polled = await self._publications(conn)
             if self._after is None:
                 # Start from now: what committed before is for clients that ask with `since`.
                 newest = await changelog.newest_tick(conn)
@@ -174,14 +177,21 @@ class Listener:
                 self._restart_at(await changelog.newest_tick(conn))
             self.connected, self.problem, self._failures = True, None, 0
             log.info("reading changes from tick %d", self._after[0])
+            relistened = 0.0
             while not lost.is_set():
                 wake.clear()
                 if republish.is_set():
                     republish.clear()
-                    interval = await self._publications(conn)
-                await self._deliver(conn, *await changelog.tick(conn))
+                    polled = await self._publications(conn)
+                tick = await changelog.tick(conn)
+                self.queue_usage = tick.queue
+                crowded = tick.queue >= changelog.WAKE_BELOW
+                if crowded and time.monotonic() - relistened > _RELISTEN_EVERY:
+                    await self._relisten(conn, channels)
+                    relistened = time.monotonic()
+                await self._deliver(conn, tick.n, tick.at)
                 try:
-                    async with asyncio.timeout(interval):
+                    async with asyncio.timeout(s.poll_interval if polled or crowded else s.probe_interval):
                         await wake.wait()
                 except TimeoutError:
                     pass
@@ -192,9 +202,23 @@ class Listener:
             self.connected = False
             conn.terminate()
 
-    async def _publications(self, conn: asyncpg.Connection) -> float:
+    async def _relisten(self, conn: asyncpg.Connection, channels: dict[str, str]) -> None:
+        """Register this connection's LISTEN again: a new registration starts at the end of the NOTIFY
+        queue, so this backend is not among those that keep old entries in it. The callbacks stay."""
+        await conn.execute("UNLISTEN *")
+        for name in channels.values():
+            await conn.execute(f'LISTEN "{name}"')
+        if self._crowded_log():
+            log.warning(
+            "the NOTIFY queue is %.0f%% full: writers send no wake-ups, so changes are polled every %gs; "
+                "a session that LISTENs and stays in a transaction holds it (see pg_stat_activity; "
+                "reported once a minute)", 100 * self.queue_usage, self._settings.poll_interval,
+            )  # fmt: skip
+
+    async def _publications(self, conn: asyncpg.Connection) -> bool:
+        """Tell the bridge the published collections; return whether some of them must be polled."""
         self._on_publications(await changelog.publications(conn))
-        return self._settings.poll_interval if await changelog.any_polled(conn) else self._settings.probe_interval
+        return await changelog.any_polled(conn)
 
     async def _deliver(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
         """Route every change up to tick ``newest`` (taken at ``taken``), page by page, once it is durable."""
@@ -255,17 +279,6 @@ class Listener:
     def _signal(self) -> None:
         self._advanced.set()
         self._advanced = asyncio.Event()
-
-    def _ignored(self, payload: str) -> None:
-        now = time.monotonic()
-        if now - self._ignored_at > 60:
-            self._ignored_at = now
-            log.warning(
-                "a notification on channel %s that pgbridge's triggers did not send (payload %r); "
-                "notifications only wake the bridge up, so it changes nothing (reported once a minute)",
-                CHANNEL,
-                payload[:100],
-            )
 
 
 def _describe(exc: BaseException) -> str:

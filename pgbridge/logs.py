@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Hashable
 from datetime import UTC, datetime
 
 import orjson
@@ -48,3 +50,27 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class OncePer:
+    """Says yes at most once per ``seconds`` for each key: how "reported once a minute" is done.
+
+    ``if self._refused_log(): log.warning(...)``: the first occurrence is logged at once, the others
+    within the period are not.
+    """
+
+    __slots__ = ("_last", "_seconds")
+
+    def __init__(self, seconds: float = 60.0) -> None:
+        self._seconds = seconds
+        self._last: dict[Hashable, float] = {}
+
+    def __call__(self, key: Hashable = None) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self._seconds:
+            return False
+        if len(self._last) > 1000:  # keys are few (a reason, an error text): never let them grow unbounded
+            self._last.clear()
+        self._last[key] = now
+        return True

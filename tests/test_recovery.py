@@ -215,7 +215,7 @@ async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.C
     await db.execute(POSTS)
     for i in range(10):
         await db.execute("INSERT INTO posts (title) VALUES ($1)", str(i))
-        assert (await changelog.tick(db))[0] == i + 1
+        assert (await changelog.tick(db)).n == i + 1
     await db.execute("UPDATE pgbridge.ticks SET at = now() - interval '2 hours' WHERE n <= 4")
     assert await changelog.prune(db, max_age=3600, max_transactions=100, batch=3) == 4
     assert await changelog.prune(db, max_age=3600, max_transactions=5, batch=3) == 1
