@@ -32,6 +32,9 @@ class Grant:
 
     subject: str | None
     expires_at: float
+    """When the connection must end: the token's ``exp`` plus the leeway."""
+    exp: float
+    """The token's ``exp`` claim, as the client knows it."""
     collections: Mapping[str, frozenset[Op]] = field(default_factory=dict)
     """Allowed operations per collection; the key ``"*"`` stands for every collection."""
     tenant: Any = None
@@ -121,6 +124,7 @@ class TokenPolicy:
         return Grant(
             subject=sub if isinstance(sub, str) else None,
             expires_at=min(float(min(exp, _FAR_FUTURE)) + self.leeway, _FAR_FUTURE),
+            exp=float(min(exp, _FAR_FUTURE)),
             collections=self._collections(claims),
             tenant=tenant,
         )

@@ -17,8 +17,8 @@ from datetime import datetime
 
 import asyncpg
 
-from pgbridge.errors import PgBridgeError, SchemaError
-from pgbridge.events import MAX_ID, Change, DecodeError, make_change
+from pgbridge.errors import DecodeError, Pruned, SchemaError
+from pgbridge.events import MAX_ID, Change, make_change
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ PAGE = 1000
 """At most this many change-log entries per read..."""
 PAGE_BYTES = 4 << 20
 """...and about this many bytes of rows (past them, one more entry: each holds at most about 1 MB)."""
-
-
-class Pruned(PgBridgeError):
-    """The position to resume from is no longer in the change log (retention removed it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +150,7 @@ LEFT JOIN LATERAL (
             WHERE c.id > CASE WHEN t.n > $1 THEN t.min_id - 1 ELSE greatest($2, t.min_id - 1) END
               AND c.id <= t.max_id
               AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
-              AND ($4::text IS NULL OR c.collection = $4)
+              AND ($4::text[] IS NULL OR c.collection = ANY ($4::text[]))
             ORDER BY c.id
             LIMIT $5
         ) c
@@ -169,9 +165,14 @@ ORDER BY r.n, r.id
 
 
 async def read(
-    conn: asyncpg.Connection, after: tuple[int, int], upto: int, collection: str | None = None, limit: int = PAGE
+    conn: asyncpg.Connection,
+    after: tuple[int, int],
+    upto: int,
+    collections: tuple[str, ...] | None = None,
+    limit: int = PAGE,
 ) -> tuple[list[Change], tuple[int, int]]:
-    """Up to ``limit`` changes positioned after ``after`` (a ``(tick, id)``) in ticks up to ``upto``.
+    """Up to ``limit`` changes (of ``collections``, or of all) positioned after ``after`` (a ``(tick, id)``)
+    in ticks up to ``upto``.
 
     Returns them in order, with how far the read got: the next read starts there. ``after`` may be
     ``(tick, MAX_ID)``, meaning all of that tick. Raises :class:`Pruned` when retention has removed
@@ -179,7 +180,7 @@ async def read(
     """
     tick_, change_id = after
     first = tick_ + 1 if change_id >= MAX_ID else tick_  # the first tick with anything left to read
-    rows = await conn.fetch(_READ, tick_, change_id, upto, collection, limit, first, PAGE_BYTES)
+    rows = await conn.fetch(_READ, tick_, change_id, upto, collections, limit, first, PAGE_BYTES)
     oldest, last_tick = rows[0]["oldest"], rows[0]["last_tick"]
     needed = tick_ if change_id >= MAX_ID else tick_ - 1  # the tick whose snapshot bounds what comes next
     if oldest is None or oldest > needed:
@@ -200,8 +201,10 @@ async def read(
     return changes, reached
 
 
-async def count(conn: asyncpg.Connection, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
-    """How many positions of ``collection`` lie after ``after`` and up to ``upto`` (both ``(tick, id)``),
+async def count(
+    conn: asyncpg.Connection, after: tuple[int, int], upto: tuple[int, int], collections: tuple[str, ...]
+) -> int:
+    """How many positions of ``collections`` lie after ``after`` and up to ``upto`` (both ``(tick, id)``),
     as far as the change log still holds them: a truncate is one, any other change one per row."""
     found: int = await conn.fetchval(
         """SELECT coalesce(sum(greatest(c.nrows, 1)), 0)
@@ -212,12 +215,12 @@ async def count(conn: asyncpg.Connection, after: tuple[int, int], upto: tuple[in
                WHERE c.id > CASE WHEN t.n > $1 THEN t.min_id - 1 ELSE greatest($2, t.min_id - 1) END
                  AND c.id <= CASE WHEN t.n < $3 THEN t.max_id ELSE least($4, t.max_id) END
                  AND pg_visible_in_snapshot(c.xid, t.snap) AND NOT pg_visible_in_snapshot(c.xid, p.snap)
-                 AND c.collection = $5
+                 AND c.collection = ANY ($5::text[])
            ) c
            WHERE t.n >= $1 AND t.n <= $3""",
         *after,
         *upto,
-        collection,
+        list(collections),
     )
     return int(found)
 

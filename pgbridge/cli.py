@@ -26,7 +26,8 @@ from pgbridge.auth import TokenPolicy, mint
 from pgbridge.config import Settings
 from pgbridge.errors import ConfigError, PgBridgeError
 from pgbridge.migrate import migrate
-from pgbridge.server import WS_PATH, create_app, runner
+from pgbridge.protocol import WS_PATH
+from pgbridge.server import create_app, runner
 
 log = logging.getLogger("pgbridge")
 

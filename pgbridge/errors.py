@@ -22,13 +22,20 @@ class AuthError(PgBridgeError):
 
 
 class ProtocolError(PgBridgeError):
-    """A client message could not be served. The message is the client-facing error text."""
+    """A client message could not be served. The message is the client-facing error text.
 
-    def __init__(self, text: str, *, action: str | None = None, collection: str | None = None) -> None:
+    ``forbidden`` marks a refusal of the token's grant (HTTP 403 on an SSE stream), rather than of the
+    request itself (400).
+    """
+
+    def __init__(
+        self, text: str, *, action: str | None = None, collection: str | None = None, forbidden: bool = False
+    ) -> None:
         super().__init__(text)
         self.text = text
         self.action = action
         self.collection = collection
+        self.forbidden = forbidden
 
 
 class SchemaError(PgBridgeError):
@@ -37,3 +44,15 @@ class SchemaError(PgBridgeError):
 
 class DatabaseUnavailable(PgBridgeError):
     """PostgreSQL could not be reached or did not answer; the operation may be retried."""
+
+
+class ConnectionLost(DatabaseUnavailable):
+    """The listener's connection ended or stopped answering."""
+
+
+class Pruned(PgBridgeError):
+    """The position to resume from is no longer in the change log (retention removed it)."""
+
+
+class DecodeError(PgBridgeError):
+    """A change-log entry did not have the shape the triggers write."""

@@ -7,7 +7,8 @@ them (:func:`row_values`).
 
 Every row of every change has a :data:`Position`, ``(tick, change id, row)``: the same on every bridge
 process, in commit order (see ``sql/002_ticks.sql``). Clients see it as the event id
-``"<change id>.<row>"``.
+``"<tick>.<change id>.<row>"`` (:func:`event_id`), so ids compared as tuples of integers are in
+delivery order.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import orjson
 
-from pgbridge.errors import PgBridgeError
+from pgbridge.errors import DecodeError
 
 Op = Literal["create", "update", "delete"]
 OPS: tuple[Op, ...] = ("create", "update", "delete")
@@ -29,11 +30,45 @@ Position = tuple[int, int, int]
 """``(tick, change id, row)``; tuples compare in delivery order."""
 
 MAX_ID = 2**63 - 1
-_EVENT_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,4})")
+_EVENT_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,4})")
+_LEGACY_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,4})")
 
 
-class DecodeError(PgBridgeError):
-    """A change-log entry did not have the shape the triggers write."""
+@dataclass(frozen=True, slots=True)
+class LegacyId:
+    """An event id as bridges handed them out before ids were positions: ``"<change id>.<row>"``."""
+
+    change_id: int
+    row: int
+
+
+def event_id(position: Position) -> str:
+    """The id clients see for ``position``: ``"<tick>.<change id>.<row>"``.
+
+    The position after all of tick ``n``, ``(n, MAX_ID, 0)``, is written ``"<n+1>.0.0"``: no change has id
+    0, so it comes before every change of tick ``n+1``, and it parses back to the same position.
+    """
+    tick, change_id, row = position
+    if change_id >= MAX_ID:
+        return f"{tick + 1}.0.0"
+    return f"{tick}.{change_id}.{row}"
+
+
+def parse_event_id(value: object) -> Position | LegacyId:
+    """The position an event id names (or a :class:`LegacyId`); raise ValueError when malformed."""
+    if not isinstance(value, str):
+        raise ValueError(value)
+    if m := _EVENT_ID.fullmatch(value):
+        tick, change_id, row = (int(g) for g in m.groups())
+        if tick > MAX_ID or change_id > MAX_ID or row >= 1000 or (change_id == 0 and row != 0):
+            raise ValueError(value)
+        return (tick - 1, MAX_ID, 0) if change_id == 0 else (tick, change_id, row)
+    if m := _LEGACY_ID.fullmatch(value):
+        change_id, row = int(m.group(1)), int(m.group(2))
+        if change_id > MAX_ID or row >= 1000:
+            raise ValueError(value)
+        return LegacyId(change_id, row)
+    raise ValueError(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +94,8 @@ class Change:
         return (self.tick, self.change_id, row)
 
     def event_id(self, row: int) -> str:
-        """The opaque id of row ``row`` of this change, as clients see it and send back in ``since``."""
-        return f"{self.change_id}.{row}"
-
-
-def parse_event_id(value: object) -> tuple[int, int]:
-    """Split an event id (``"<change>.<row>"``) into its parts; raise ValueError when malformed."""
-    if not isinstance(value, str) or (m := _EVENT_ID.fullmatch(value)) is None:
-        raise ValueError(value)
-    change_id, row = int(m.group(1)), int(m.group(2))
-    if change_id > MAX_ID or row >= 1000:
-        raise ValueError(value)
-    return change_id, row
+        """The id of row ``row`` of this change, as clients see it and send back in ``since``."""
+        return event_id((self.tick, self.change_id, row))
 
 
 def make_change(tick: int, change_id: int, collection: str, kind: str, timestamp: str, nrows: int, body: str) -> Change:

@@ -1,11 +1,14 @@
-"""Catching up: feeding one subscription from the change log until it reaches the live stream.
+"""Catching up: feeding subscriptions from the change log until they reach the live stream.
 
-A subscription that asks for ``since``, or whose client fell too far behind to take live frames, is
-fed the positions it has not had yet: from the listener's recent history in memory when that reaches
-back far enough, else from the change log, at the pace the client's socket drains. Once it has every
-row up to the one the listener routed last, it rejoins live delivery at once (no ``await`` in
-between), so the next row it gets live is the next row. The client sees one stream, in order, with no
-gap and no duplicate.
+A subscription that asks for ``since``, follows a snapshot, or whose client fell too far behind to
+take live messages, is fed the positions it has not had yet: from the listener's recent history in
+memory when that reaches back far enough, else from the change log, at the pace the client's socket
+drains. Once it has every row up to the one the listener routed last, it rejoins live delivery at once
+(no ``await`` in between), so the next row it gets live is the next row. The client sees one stream,
+in order, with no gap and no duplicate.
+
+A feed may carry several subscriptions of one session (an SSE stream, whose one ``Last-Event-ID``
+resumes all its collections): they are fed together, in position order across their collections.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterable
 from typing import Protocol
 
-from pgbridge import frames, protocol
-from pgbridge.changelog import PAGE, Pruned
-from pgbridge.errors import DatabaseUnavailable
+from pgbridge import protocol
+from pgbridge.changelog import PAGE
+from pgbridge.errors import DatabaseUnavailable, Pruned
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
 from pgbridge.listener import Listener
@@ -31,28 +35,27 @@ class Sink(Protocol):
     """Names the client in logs and health."""
     closing: bool
 
-    def send(self, frame: bytes) -> None:
-        """Queue a frame now, whatever the client's backlog."""
+    def send(self, message: protocol.Message) -> None:
+        """Queue a message now, whatever the client's backlog."""
 
-    async def send_paced(self, frame: bytes) -> None:
-        """Send ``frame``, first waiting while the client's socket has too much unsent data."""
+    async def send_paced(self, message: protocol.Message) -> None:
+        """Send ``message``, first waiting while the client's socket has too much unsent data."""
 
 
 class LogReader(Protocol):
     """The change log as catching-up subscriptions read it."""
 
-    async def read(self, after: tuple[int, int], upto: int, collection: str) -> tuple[list[Change], tuple[int, int]]:
+    async def read(
+        self, after: tuple[int, int], upto: int, collections: tuple[str, ...]
+    ) -> tuple[list[Change], tuple[int, int]]:
         """As :func:`pgbridge.changelog.read`; raises :class:`DatabaseUnavailable`."""
 
-    async def locate(self, change_id: int) -> int | None:
-        """As :func:`pgbridge.changelog.locate`; raises :class:`DatabaseUnavailable`."""
-
-    async def count(self, after: tuple[int, int], upto: tuple[int, int], collection: str) -> int:
+    async def count(self, after: tuple[int, int], upto: tuple[int, int], collections: tuple[str, ...]) -> int:
         """As :func:`pgbridge.changelog.count`; raises :class:`DatabaseUnavailable`."""
 
 
 class Feed:
-    """Feeds ``sub``, which is not live, the rows after ``done``; then makes it live.
+    """Feeds ``subs``, which are not live, the rows after ``done``; then makes them live.
 
     ``done`` may be ahead of the listener (a client resuming from a row another replica delivered):
     the feed then waits for the listener to get there.
@@ -60,7 +63,7 @@ class Feed:
 
     def __init__(
         self,
-        sub: Subscription,
+        subs: Iterable[Subscription],
         sink: Sink,
         router: Router,
         listener: Listener,
@@ -69,10 +72,11 @@ class Feed:
         done: Position,
         first: Change | None = None,
     ) -> None:
-        self.sub = sub
+        self.subs = {sub.collection: sub for sub in subs}
+        self.collections = tuple(sorted(self.subs))
         self._sink, self._router, self._listener, self._history, self._reader = sink, router, listener, history, reader
         self.done = done
-        """Every row up to this position is delivered (or was not for this subscription)."""
+        """Every row up to this position is delivered (or was not for these subscriptions)."""
         self._queue: deque[Change] = deque()
         self._after = (done[0], done[1] - 1)  # read the change log after this (tick, id): done's change is next
         if first is not None:
@@ -81,9 +85,9 @@ class Feed:
         self.reads = 0
         self.at: str | None = first.timestamp if first is not None else None
         """The database time of the change being fed: how far behind the client is."""
-        # Positions of the collection up to ``done``, counted as the listener's ``routed`` counts them;
+        # Positions of the collections up to ``done``, counted as the listener's ``routed`` counts them;
         # None until counted (a client resuming from ``since``).
-        self._passed: int | None = listener.routed[sub.collection] if first is not None else None
+        self._passed: int | None = self._routed() if first is not None else None
 
     @property
     def client(self) -> str:
@@ -91,13 +95,17 @@ class Feed:
 
     @property
     def lag(self) -> int | None:
-        """How many positions of the collection the listener has routed that the client has yet to pass."""
+        """How many positions of the collections the listener has routed that the client has yet to pass."""
         if self._passed is None:
             return None
-        return max(0, self._listener.routed[self.sub.collection] - self._passed)
+        return max(0, self._routed() - self._passed)
+
+    def _routed(self) -> int:
+        routed = self._listener.routed
+        return sum(routed[c] for c in self.collections)
 
     async def run(self) -> None:
-        """Feed until caught up, and return with the subscription live."""
+        """Feed until caught up, and return with the subscriptions live."""
         listener = self._listener
         delay = 0.1
         while not self._sink.closing:
@@ -119,7 +127,8 @@ class Feed:
                 self._fetch(head) if self._history.covers(self._after) else await self._read(head)
             except Pruned:
                 self._join()
-                self._sink.send(frames.text_frame(protocol.resync_required(self.sub.collection)))
+                for collection in self.collections:
+                    self._sink.send(protocol.resync_required(collection))
                 return
             except DatabaseUnavailable as exc:
                 log.debug("catching up waits for the database: %s", exc)
@@ -132,28 +141,28 @@ class Feed:
         """Rejoin the live stream after the listener's head; call only with nothing up to it left to send."""
         self.done = self._listener.head
         self._queue.clear()
-        self._router.attach(self.sub)
+        for sub in self.subs.values():
+            self._router.attach(sub)
 
     async def _count(self, head: Position) -> None:
         """Count the positions from ``done`` to ``head``: from memory where the history holds them, the
         rest with one query over the same entries the reads will take."""
-        collection = self.sub.collection
-        routed, base = self._listener.routed[collection], self._history.base
+        routed, base = self._routed(), self._history.base
         if base is None:  # the listener has not started yet
             return
-        pending = self._history.count(max(self._after, base), head, collection)
+        pending = self._history.count(max(self._after, base), head, self.collections)
         if self._after < base:
-            pending += await self._reader.count(self._after, base, collection)
+            pending += await self._reader.count(self._after, base, self.collections)
         # The rows of done's own change up to done were delivered before.
         self._passed = routed - pending + self.done[2] + 1
 
     def _fetch(self, head: Position) -> None:
-        changes = self._history.after(self._after, PAGE, self.sub.collection)
+        changes = self._history.after(self._after, PAGE, self.collections)
         self._queue.extend(changes)
         self._after = (changes[-1].tick, changes[-1].change_id) if len(changes) == PAGE else (head[0], head[1])
 
     async def _read(self, head: Position) -> None:
-        changes, reached = await self._reader.read(self._after, head[0], self.sub.collection)
+        changes, reached = await self._reader.read(self._after, head[0], self.collections)
         self.reads += 1
         self._queue.extend(changes)
         # A read that found nothing new has looked at every tick up to the head's.
@@ -163,6 +172,7 @@ class Feed:
         """Send queued rows up to the listener's head; False when the next row is beyond it."""
         while self._queue:
             change = self._queue[0]
+            sub = self.subs[change.collection]
             self.at = change.timestamp
             for row in range(change.units):
                 position = change.position(row)
@@ -170,9 +180,9 @@ class Feed:
                     continue
                 if position > self._listener.head:
                     return False
-                frame = self._router.frame_for(self.sub, change, row)
-                if frame is not None:
-                    await self._sink.send_paced(frame)
+                message = self._router.message_for(sub, change, row)
+                if message is not None:
+                    await self._sink.send_paced(message)
                     if self._sink.closing:
                         return True
                 self.done = position

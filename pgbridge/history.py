@@ -10,6 +10,8 @@ to go, costs a bisection however many changes of other collections lie in betwee
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 from collections import deque
 from typing import NamedTuple
 
@@ -64,15 +66,23 @@ class History:
         """Whether every change after ``after`` (up to the newest) is held here."""
         return self.base is not None and after >= self.base
 
-    def after(self, after: tuple[int, int], limit: int, collection: str) -> list[Change]:
-        """Up to ``limit`` held changes of ``collection`` positioned after ``after``; call only when
-        :meth:`covers` it."""
-        entries = self._collections.get(collection, ())
-        start = bisect.bisect_right(entries, after, key=_key)
-        return [entries[i].change for i in range(start, min(start + limit, len(entries)))]
+    def after(self, after: tuple[int, int], limit: int, collections: tuple[str, ...]) -> list[Change]:
+        """Up to ``limit`` held changes of ``collections`` positioned after ``after``, in order; call only
+        when :meth:`covers` it."""
+        found: list[list[Change]] = []
+        for collection in collections:
+            entries = self._collections.get(collection, ())
+            start = bisect.bisect_right(entries, after, key=_key)
+            found.append([entries[i].change for i in range(start, min(start + limit, len(entries)))])
+        if len(found) == 1:
+            return found[0]
+        return list(itertools.islice(heapq.merge(*found, key=_position), limit))
 
-    def count(self, after: tuple[int, int], upto: Position, collection: str) -> int:
-        """How many positions of ``collection`` held here lie after ``after`` and up to ``upto``."""
+    def count(self, after: tuple[int, int], upto: Position, collections: tuple[str, ...]) -> int:
+        """How many positions of ``collections`` held here lie after ``after`` and up to ``upto``."""
+        return sum(self._count(after, upto, collection) for collection in collections)
+
+    def _count(self, after: tuple[int, int], upto: Position, collection: str) -> int:
         entries = self._collections.get(collection, ())
         last = upto[:2]
         start = bisect.bisect_right(entries, after, key=_key)
@@ -82,6 +92,10 @@ class History:
         final = entries[end - 1]
         held = final.change.units if final.key < last else min(final.change.units, upto[2] + 1)
         return final.before + held - entries[start].before
+
+
+def _position(change: Change) -> tuple[int, int]:
+    return (change.tick, change.change_id)
 
 
 def _size(change: Change) -> int:

@@ -27,7 +27,7 @@ from datetime import datetime
 import asyncpg
 
 from pgbridge import changelog
-from pgbridge.errors import SchemaError
+from pgbridge.errors import ConnectionLost, Pruned, SchemaError
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
 from pgbridge.logs import OncePer
@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 
 _YIELD_EVERY = 0.005  # seconds of routing between two yields to the event loop
 _RELISTEN_EVERY = 1.0  # seconds between two re-registrations while the NOTIFY queue is too full
-
-
-class ConnectionLost(Exception):
-    """The listener's connection ended or stopped answering."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +225,7 @@ class Listener:
         while self._after < (newest, MAX_ID):
             try:
                 changes, reached = await changelog.read(conn, self._after, newest)
-            except changelog.Pruned:
+            except Pruned:
                 changes, reached = [], None
             if unflushed:
                 # Nothing of the tick is routed before it is durable; meanwhile its batch was read, and a

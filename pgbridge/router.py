@@ -1,8 +1,9 @@
 """Routing: which subscriptions receive which rows of a change. No I/O.
 
 Subscriptions of one collection that share a tenant, a filter and operations form a group. A row is
-checked once per group, and each distinct message is encoded once per row, as a complete WebSocket
-frame; the same bytes then go to every subscriber of every group that wants it. Groups are found
+checked once per group, and each distinct message is built once per row (a
+:class:`~pgbridge.protocol.Message`, which each transport encodes once); the same message then goes to
+every subscriber of every group that wants it. Groups are found
 through an index, so a row costs what its matches cost, not what the number of subscriptions costs:
 by tenant, then by the value of a filter's equality (or ``in``), then by a filter's numeric bound;
 only groups with no such condition are checked for every row.
@@ -20,7 +21,7 @@ import itertools
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
-from pgbridge import frames, protocol
+from pgbridge import protocol
 from pgbridge.events import Change, Kind, Op, row_values
 from pgbridge.filters import Bound, Equality, RowFilter, value_key
 
@@ -29,13 +30,13 @@ _counter = itertools.count()
 
 
 class Sink(Protocol):
-    """Where a subscription's frames go: a client connection."""
+    """Where a subscription's messages go: a client's session."""
 
     closing: bool
     """True once the sink is being closed; nothing more will be sent."""
 
-    def offer(self, frame: bytes) -> bool:
-        """Queue ``frame`` if there is room for it; False when the client is too far behind."""
+    def offer(self, message: protocol.Message) -> bool:
+        """Queue ``message`` if there is room for it; False when the client is too far behind."""
 
 
 def tenant_key(value: Any) -> Hashable:
@@ -171,6 +172,10 @@ class Router:
     def subscriptions(self, sink: Sink) -> dict[str, Subscription]:
         return self._by_sink.get(sink, {})
 
+    def groups(self) -> int:
+        """How many groups routing checks (none is ever kept empty)."""
+        return sum(len(bucket.groups) for buckets in self._collections.values() for bucket in buckets.values())
+
     def add(self, sub: Subscription, *, live: bool = True) -> None:
         """Register ``sub``, replacing the sink's earlier subscription to the same collection."""
         self.remove(sub.sink, sub.collection)
@@ -240,10 +245,10 @@ class Router:
             return
         behind: list[Subscription] = []
         if change.kind == "truncate":
-            frame = frames.text_frame(protocol.resync_required(change.collection, change.event_id(0)))
+            message = protocol.resync_required(change.collection, change.event_id(0))
             for bucket in buckets.values():
                 for group in bucket.groups.values():
-                    _offer(group, frame, behind)
+                    _offer(group, message, behind)
         else:
             row = _Row(change, index, self.tenant_column, parse=self.tenant_column is not None
                        or self._filtered.get(change.collection, 0) > 0)  # fmt: skip
@@ -254,33 +259,45 @@ class Router:
                 for group in found.candidates(row.values()) if row.parsed else found.groups.values():
                     kind = row.verdict(group.filter, group.tenant)
                     if kind is not None and kind in group.operations:
-                        _offer(group, row.frame(kind), behind)
+                        _offer(group, row.message(kind), behind)
         for sub in behind:
             self.detach(sub)
             if self._on_behind is not None:
                 self._on_behind(sub, change, index)
 
-    def frame_for(self, sub: Subscription, change: Change, index: int) -> bytes | None:
-        """The frame ``sub`` gets for row ``index`` of ``change``, if any: how a catch-up sends."""
+    def message_for(self, sub: Subscription, change: Change, index: int) -> protocol.Message | None:
+        """The message ``sub`` gets for row ``index`` of ``change``, if any: how a catch-up sends."""
         if change.kind == "truncate":
-            return frames.text_frame(protocol.resync_required(change.collection, change.event_id(0)))
+            return protocol.resync_required(change.collection, change.event_id(0))
         row = _Row(
             change, index, self.tenant_column, parse=self.tenant_column is not None or bool(sub.filter.conditions)
         )
         kind = row.verdict(sub.filter, sub.tenant)
-        return row.frame(kind) if kind is not None and kind in sub.operations else None
+        return row.message(kind) if kind is not None and kind in sub.operations else None
+
+    def snapshot_message(self, sub: Subscription, raw: bytes) -> protocol.Message | None:
+        """The message ``sub`` gets for a row of its table's snapshot, if any: what it would get for the
+        row's insert, tenant and filter included."""
+        if self.tenant_column is None and not sub.filter.conditions:
+            return protocol.snapshot_row(sub.collection, raw)
+        values = row_values(raw)
+        if self.tenant_column is not None and (
+            sub.tenant is None or tenant_key(values.get(self.tenant_column)) != sub.tenant
+        ):
+            return None
+        return protocol.snapshot_row(sub.collection, raw) if sub.filter.matches(values) else None
 
 
-def _offer(group: _Group, frame: bytes, behind: list[Subscription]) -> None:
+def _offer(group: _Group, message: protocol.Message, behind: list[Subscription]) -> None:
     for sub in group.members:
-        if not sub.sink.offer(frame):
+        if not sub.sink.offer(message):
             behind.append(sub)
 
 
 class _Row:
     """One changed row while it is routed: parsed at most once, each message encoded at most once."""
 
-    __slots__ = ("_frames", "change", "index", "new", "old", "old_raw", "parsed", "raw", "tenant_column")
+    __slots__ = ("_messages", "change", "index", "new", "old", "old_raw", "parsed", "raw", "tenant_column")
 
     def __init__(self, change: Change, index: int, tenant_column: str | None, *, parse: bool) -> None:
         self.change, self.index, self.tenant_column, self.parsed = change, index, tenant_column, parse
@@ -288,7 +305,7 @@ class _Row:
         self.old_raw = change.olds[index] if change.olds is not None else None
         self.new: dict[str, Any] = row_values(self.raw) if parse else {}
         self.old: dict[str, Any] | None = row_values(self.old_raw) if parse and self.old_raw is not None else None
-        self._frames: dict[Kind, bytes] = {}
+        self._messages: dict[Kind, protocol.Message] = {}
 
     def values(self) -> tuple[dict[str, Any], ...]:
         return (self.new,) if self.old is None else (self.new, self.old)
@@ -325,9 +342,9 @@ class _Row:
             return op if filter.matches(new) or filter.matches(old) else None
         return op if filter.matches(new) else None
 
-    def frame(self, op: Op) -> bytes:
-        frame = self._frames.get(op)
-        if frame is None:
+    def message(self, op: Op) -> protocol.Message:
+        message = self._messages.get(op)
+        if message is None:
             change = self.change
             if op == "update":
                 body, old = self.raw, self.old_raw
@@ -336,7 +353,7 @@ class _Row:
             else:  # a delete, or an update that moved the row out of a tenant: the row as it was
                 body = self.old_raw if self.old_raw is not None else self.raw
                 old = body
-            frame = self._frames[op] = frames.text_frame(
-                protocol.data_event(change.collection, op, change.timestamp, change.event_id(self.index), body, old)
+            message = self._messages[op] = protocol.data_event(
+                change.collection, op, change.timestamp, change.event_id(self.index), body, old
             )
-        return frame
+        return message

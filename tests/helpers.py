@@ -25,8 +25,11 @@ from aiohttp import web
 
 from pgbridge.auth import TokenPolicy
 from pgbridge.config import Settings
-from pgbridge.server import BRIDGE, WS_PATH, Bridge, create_app
+from pgbridge.hub import Bridge
+from pgbridge.protocol import WS_PATH
+from pgbridge.server import create_app
 from pgbridge.server import runner as serving
+from pgbridge.stream import BRIDGE
 
 SECRET = "test-secret-with-enough-bytes-for-hs256!"
 _names = itertools.count()
@@ -164,9 +167,16 @@ async def send(ws: Any, message: Any) -> None:
 
 
 async def subscribe(ws: Any, collection: str, **extra: Any) -> dict[str, Any]:
+    """Subscribe and check the confirmation: with the subscription's starting position, unless it starts
+    with a snapshot (which has none yet) or resumes from an id of before ids were positions."""
     await send(ws, {"action": "subscribe", "collection": collection, **extra})
     reply = await recv(ws)
-    assert reply == {"status": "subscribed", "type": "subscribed", "collection": collection}, reply
+    expected = {"status": "subscribed", "type": "subscribed", "collection": collection}
+    legacy = isinstance(extra.get("since"), str) and extra["since"].count(".") == 1
+    if not extra.get("snapshot") and not legacy:
+        assert isinstance(reply.get("id"), str), reply
+        expected["id"] = reply["id"]
+    assert reply == expected, reply
     return reply
 
 
@@ -317,10 +327,7 @@ class Ledger:
         assert not missing, f"{len(missing)} committed rows never arrived, e.g. {sorted(missing)[:5]}"
         assert not extra, f"rows that were never committed arrived: {sorted(extra)[:5]}"
         ticks = await positions(conn)
-
-        def position(event_id: str) -> tuple[int, int, int]:
-            change, row = (int(x) for x in event_id.split("."))
-            return ticks[change], change, row
-
-        order = [position(i) for i in ids]
+        order = [tuple(int(x) for x in i.split(".")) for i in ids]
+        wrong = [i for i, (tick, change, _) in zip(ids, order, strict=True) if ticks[change] != tick]
+        assert not wrong, f"events whose id does not name their change's tick, e.g. {wrong[:5]}"
         assert order == sorted(order), "events arrived out of commit order"

@@ -70,8 +70,8 @@ async def test_the_seed_javascript_example_works_in_chromium(
 
     reader = asyncio.create_task(read_console())
     try:
-        await wait_for(lambda: running.bridge.connections and running.bridge.router.subscriptions(
-            next(iter(running.bridge.connections))), timeout=30, what="the browser to subscribe")  # fmt: skip
+        await wait_for(lambda: running.bridge.sessions and running.bridge.router.subscriptions(
+            next(iter(running.bridge.sessions))), timeout=30, what="the browser to subscribe")  # fmt: skip
         psql(cluster, dsn, "INSERT INTO posts (title) VALUES ('from psql')")
         await wait_for(lambda: any("New post created:" in line for line in console), what="the create event")
         await wait_for(lambda: any("Heartbeat received" in line for line in console), what="a heartbeat")

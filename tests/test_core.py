@@ -213,6 +213,6 @@ async def test_publishing_later_makes_a_collection_available(bridge: RunningBrid
             if reply.get("status") == "subscribed":
                 break
             await asyncio.sleep(0.05)
-        assert reply == {"status": "subscribed", "type": "subscribed", "collection": "comments"}
+        assert reply == {"status": "subscribed", "type": "subscribed", "collection": "comments", "id": reply["id"]}
         await db.execute("INSERT INTO comments VALUES (5)")
         assert (await recv(ws))["data"] == {"id": 5}

@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgbridge import changelog
 from pgbridge.metrics import Exposition, Histogram, Rate
 from tests.helpers import close_frame, collect, free_port, start_bridge, subscribe, token, wait_for
 
@@ -61,22 +62,26 @@ async def test_metrics_count_what_the_bridge_did(dsn: str, posts: str, db: async
         await running.stop()
 
 
-async def test_a_side_task_that_fails_shows_in_metrics_and_health(dsn: str, posts: str) -> None:
+async def test_a_side_task_that_fails_shows_in_metrics_and_health(
+    dsn: str, posts: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     running = await start_bridge(dsn, stats_interval=0.05)
     bridge = running.bridge
-    pool = bridge.pool
+
+    async def broken(conn: object) -> None:
+        raise ZeroDivisionError("a bug, not a database outage")
+
     try:
-        bridge.pool = None  # the maintenance task's next round fails: a bug, not a database outage
+        monkeypatch.setattr(changelog, "stats", broken)  # the maintenance task's next round fails
         await wait_for(lambda: bridge.task_failure_count["maintenance"] > 0, what="the failure")
-        bridge.pool = pool
+        monkeypatch.undo()
         found = samples((await scrape(running.port))[2])
         assert found[("pgbridge_task_failures_total", (("task", "maintenance"),))] >= 1
         assert found[("pgbridge_task_failures_total", (("task", "heartbeat"),))] == 0
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
             health = await resp.json()
-        assert health["status"] == "degraded" and "AssertionError" in health["failed_tasks"]["maintenance"]
+        assert health["status"] == "degraded" and "ZeroDivisionError" in health["failed_tasks"]["maintenance"]
     finally:
-        bridge.pool = pool
         await running.stop()
 
 

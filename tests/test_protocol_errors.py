@@ -32,7 +32,7 @@ from tests.helpers import (
         ("[1, 2]", {"error": "Message must be a JSON object"}),
         ('"subscribe"', {"error": "Message must be a JSON object"}),
         ("42", {"error": "Message must be a JSON object"}),
-        ('{"collection": "posts"}', {"error": "Missing action (expected subscribe, unsubscribe or ping)"}),
+        ('{"collection": "posts"}', {"error": "Missing action (expected subscribe, unsubscribe, ping or refresh)"}),
         ('{"action": "subscribe"}', {"error": "Missing collection", "action": "subscribe"}),
         ('{"action": "subscribe", "collection": ""}', {"error": "Missing collection", "action": "subscribe"}),
         ('{"action": "unsubscribe"}', {"error": "Missing collection", "action": "unsubscribe"}),
@@ -42,7 +42,10 @@ from tests.helpers import (
         ),
         (
             '{"action": "explode", "collection": "posts"}',
-            {"error": "Unknown action: 'explode' (expected subscribe, unsubscribe or ping)", "action": "explode"},
+            {
+                "error": "Unknown action: 'explode' (expected subscribe, unsubscribe, ping or refresh)",
+                "action": "explode",
+            },
         ),
         (
             '{"action": "subscribe", "collection": "posts", "operations": ["create", "truncate"]}',
@@ -79,19 +82,47 @@ from tests.helpers import (
         (
             '{"action": "subscribe", "collection": "posts", "since": 12}',
             {
-                "error": 'Invalid since: expected the "id" of an event, such as "1234.0"',
+                "error": 'Invalid since: expected the "id" of an event, such as "12.3456.0"',
                 "action": "subscribe",
                 "collection": "posts",
             },
         ),
         (
-            '{"action": "subscribe", "collection": "posts", "snapshot": true, "limit": 10}',
+            '{"action": "subscribe", "collection": "posts", "snapshot": true, "since": "1.2.0"}',
             {
-                "error": 'Snapshots are not offered by this server: subscribe without "snapshot", then read the '
-                "rows; every change committed after the subscribed reply arrives as an event",
+                "error": "since and snapshot cannot be combined: a snapshot starts from the table's rows, since "
+                "from an event",
                 "action": "subscribe",
                 "collection": "posts",
             },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "limit": 10}',
+            {
+                "error": "Invalid limit: a positive integer, only with snapshot",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "snapshot": true, "limit": 0}',
+            {
+                "error": "Invalid limit: a positive integer, only with snapshot",
+                "action": "subscribe",
+                "collection": "posts",
+            },
+        ),
+        (
+            '{"action": "subscribe", "collection": "posts", "snapshot": "yes"}',
+            {"error": "Invalid snapshot: must be true or false", "action": "subscribe", "collection": "posts"},
+        ),
+        (
+            '{"action": "refresh"}',
+            {"error": "Invalid refresh: token must be the new JWT, as a string", "action": "refresh"},
+        ),
+        (
+            '{"action": "refresh", "token": 42}',
+            {"error": "Invalid refresh: token must be the new JWT, as a string", "action": "refresh"},
         ),
         (
             '{"action": "subscribe", "collection": "posts", "filter": {"author_id": {"like": "x"}}}',

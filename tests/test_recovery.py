@@ -17,6 +17,7 @@ import pytest
 import websockets
 
 from pgbridge import changelog
+from pgbridge.errors import Pruned
 from pgbridge.events import MAX_ID
 from pgbridge.migrate import migrate
 from tests.helpers import (
@@ -176,8 +177,12 @@ async def test_since_that_is_unknown_or_pruned_asks_for_a_resync(dsn: str, db: a
         removed = await changelog.prune(db, max_age=3600, max_transactions=3, batch=2)
         assert removed == 3
         assert (await changelog.stats(db)).changelog_transactions == 3
-        assert await changelog.locate(db, int(old["id"].split(".")[0])) is None
-        for since in (old["id"], "999999999.0"):
+        assert await changelog.locate(db, int(old["id"].split(".")[1])) is None
+    finally:
+        await running.stop()
+    running = await start_bridge(dsn)  # whose memory holds none of it
+    try:
+        for since in (old["id"], "999999999.0"):  # pruned; and an id from before ids were positions
             async with running.connect() as ws:
                 await subscribe(ws, "posts", since=since)
                 assert await recv(ws) == {"type": "resync_required", "collection": "posts"}
@@ -223,7 +228,7 @@ async def test_pruning_by_age_and_size_keeps_a_prefix_of_positions(db: asyncpg.C
     titles = [r["title"] for r in await db.fetch(
         "SELECT body::json->>'title' AS title FROM pgbridge.changes ORDER BY id")]  # fmt: skip
     assert titles == ["5", "6", "7", "8", "9"]
-    with pytest.raises(changelog.Pruned):
+    with pytest.raises(Pruned):
         await changelog.read(db, (4, 0), 10)
     changes, reached = await changelog.read(db, (5, MAX_ID), 10)
     assert [c.rows[0] for c in changes] == [b'{"id": %d, "title": "%d"}' % (i + 1, i) for i in range(5, 10)]
@@ -254,9 +259,14 @@ async def test_counting_positions_agrees_with_reading_them(db: asyncpg.Connectio
                 )
                 for name in ("posts", "notes")
             }
-            counted = {name: await changelog.count(db, start, end, name) for name in ("posts", "notes")}
+            counted = {name: await changelog.count(db, start, end, (name,)) for name in ("posts", "notes")}
             assert counted == expected, (start, end)
-    assert await changelog.count(db, (0, MAX_ID), (upto, MAX_ID), "posts") == 3 + 2 + 1 + 1
+            assert await changelog.count(db, start, end, ("notes", "posts")) == sum(expected.values())
+    assert await changelog.count(db, (0, MAX_ID), (upto, MAX_ID), ("posts",)) == 3 + 2 + 1 + 1
+    both, _ = await changelog.read(db, (0, MAX_ID), upto, ("posts", "notes"))
+    assert both == changes  # every change here is of one of the two
+    posts, _ = await changelog.read(db, (0, MAX_ID), upto, ("posts",))
+    assert posts == [c for c in changes if c.collection == "posts"]
 
 
 async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(dsn: str, db: asyncpg.Connection) -> None:

@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from pgbridge import frames
 from pgbridge.auth import ALL_OPS
 from pgbridge.events import Change
 from pgbridge.filters import RowFilter, compile_filter
+from pgbridge.protocol import Message
 from pgbridge.router import Router, Subscription, tenant_key
 
 ALL = ALL_OPS
@@ -20,17 +20,17 @@ class Sink:
     closing = False
 
     def __init__(self, room: int = 10**9) -> None:
-        self.received: list[bytes] = []
+        self.received: list[Message] = []
         self.room = room
 
-    def offer(self, frame: bytes) -> bool:
+    def offer(self, message: Message) -> bool:
         if len(self.received) >= self.room:
             return False
-        self.received.append(frame)
+        self.received.append(message)
         return True
 
     def messages(self) -> list[dict[str, Any]]:
-        return [orjson.loads(frames.payload(f)) for f in self.received]
+        return [orjson.loads(m.json) for m in self.received]
 
 
 def counting(flt: RowFilter, calls: list[int]) -> RowFilter:
@@ -70,8 +70,16 @@ def test_subscribers_sharing_a_filter_share_one_evaluation_and_one_encoding() ->
     route_all(router, change([{"id": i, "status": "draft" if i % 2 else "done"} for i in range(10)]))
     assert len(calls) == 10  # one per row, not one per row and subscriber
     assert all(len(s.received) == 5 for s in sinks)
-    assert all(a is b for a, b in zip(sinks[0].received, sinks[-1].received, strict=True))  # the same bytes
-    assert sinks[0].messages()[0]["id"] == "7.1"
+    assert all(a is b for a, b in zip(sinks[0].received, sinks[-1].received, strict=True))  # the same messages
+    assert sinks[0].messages()[0]["id"] == "1.7.1"  # tick 1, change 7, row 1 (row 0 is done)
+    encodings: list[Message] = []
+
+    def codec(message: Message) -> bytes:
+        encodings.append(message)
+        return b"frame:" + message.json
+
+    assert {s.received[0].encoded(codec) for s in sinks} == {b"frame:" + sinks[0].received[0].json}
+    assert len(encodings) == 1  # encoded once per transport kind, however many sessions it goes to
 
 
 def test_equality_filters_are_looked_up_not_evaluated_one_by_one() -> None:
@@ -170,6 +178,7 @@ def test_removing_subscriptions_leaves_no_empty_groups() -> None:
     router.add(Subscription(sink, "posts", ALL, compile_filter({"a": 1}), tenant_key(1)))
     router.add(Subscription(sink, "notes", ALL, compile_filter({"b": {"gt": 2}}), tenant_key(1)))
     router.add(Subscription(sink, "posts", ALL, compile_filter({"a": {"in": [1, 2]}}), tenant_key(1)))  # replaces
+    assert router.groups() == 2
     router.drop(sink)
     assert router.subscriptions(sink) == {}
-    assert router._collections == {} and router._filtered == {}
+    assert router.groups() == 0
