@@ -5,8 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The tests that exercise PostgreSQL itself, run again on each other version CI covers.
-VERSION_TESTS := tests/test_capture.py tests/test_recovery.py tests/test_sql_and_cli.py tests/test_core.py \
-                 tests/test_access.py tests/test_flow_control.py
+VERSION_TESTS := tests/db/test_capture.py tests/db/test_recovery.py tests/process/test_sql_and_cli.py \
+                 tests/db/test_core.py tests/db/test_access.py tests/db/test_flow_control.py
 
 .PHONY: run test test-versions lint bench clean
 

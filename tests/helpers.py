@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import shutil
@@ -110,6 +111,7 @@ class RunningBridge:
     runner: web.AppRunner
     port: int
     dsn: str
+    stopped: bool = False
 
     @property
     def bridge(self) -> Bridge:
@@ -123,10 +125,14 @@ class RunningBridge:
         return websockets.connect(self.url(token() if tok == "default" else tok), max_size=None, **kwargs)
 
     async def stop(self) -> None:
-        await self.runner.cleanup()
+        """Stop serving: clients are closed with 1001, and the listener and side tasks end. Once."""
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
 
 
-async def start_bridge(dsn: str, *, wait: bool = True, **overrides: Any) -> RunningBridge:
+async def serve_bridge(dsn: str, *, wait: bool = True, **overrides: Any) -> RunningBridge:
+    """A bridge in this process on a free port; tests use the ``start_bridge`` fixture, which stops it."""
     policy = overrides.pop("policy", None)
     settings = Settings(dsn=dsn, host="127.0.0.1", jwt_secret=SECRET, **{"port": 0, **overrides})
     policy = policy or TokenPolicy.from_settings(
@@ -148,8 +154,15 @@ async def start_bridge(dsn: str, *, wait: bool = True, **overrides: Any) -> Runn
 
 
 async def wait_for(predicate: Any, *, timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (a function, or a coroutine function for a condition that takes I/O to learn)
+    until it is true."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)

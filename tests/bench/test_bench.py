@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("writes, ", "ingest, end to end", "commit to delivery", "fan-out, ", "memory", "latency p99",
              "subscribed sockets", "broadcast to", "filters, ", "routing per change")  # fmt: skip
 

@@ -1,6 +1,6 @@
 """A benchmark client process: many WebSocket connections, each subscribed, counting what arrives.
 
-``python -m tests.benchclient URL COUNT FIRST SUBSCRIBE`` opens COUNT connections (picows, so that the
+``python -m tests.bench.client URL COUNT FIRST SUBSCRIBE`` opens COUNT connections (picows, so that the
 client side costs little) and sends each the SUBSCRIBE message, where ``{i}`` stands for the
 connection's number, starting at FIRST. It prints ``ready`` once all are subscribed, then, for every
 line it reads on stdin, a JSON report: frames and bytes received per connection, and the receive time of

@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 
 from pgbridge import changelog
 from pgbridge.events import MAX_ID, Change
-from tests.helpers import RunningBridge, assert_silent, collect, recv, start_bridge, subscribe, until_quiet
+from tests.helpers import RunningBridge, assert_silent, collect, recv, subscribe, until_quiet, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every identifier the SQL of sql/ uses (variables, parameters, aliases, columns, keywords): as column names
 # of a published table, none may change what capture does.
@@ -182,7 +185,7 @@ async def test_a_table_of_hostile_names_arrives_through_the_bridge(
                               "dot.ted" numeric, secret text, g int GENERATED ALWAYS AS (t * 2) STORED);
            SELECT pgbridge.publish('evil', '{secret}')"""
     )
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: "evil" in (bridge.bridge.publications or ()), what="the bridge to learn of evil")
     async with bridge.connect() as ws:
         await subscribe(ws, "evil")
         await db.execute(
@@ -204,7 +207,7 @@ async def test_hidden_columns_stay_hidden_when_renamed_dropped_or_added_again(
 ) -> None:
     await db.execute("CREATE TABLE users (id int, name text, password_hash text)")
     await db.execute("SELECT pgbridge.publish('users', '{password_hash}')")
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: "users" in (bridge.bridge.publications or ()), what="the bridge to learn of users")
     async with bridge.connect() as ws:
         await subscribe(ws, "users")
         await db.execute("INSERT INTO users VALUES (1, 'ann', 'h1')")
@@ -254,7 +257,7 @@ async def test_dropping_a_published_table_unpublishes_it(bridge: RunningBridge, 
     await db.execute("CREATE TABLE notes2 (id int); SELECT pgbridge.publish('notes2', collection => 'notes')")
     with pytest.raises(asyncpg.PostgresError, match=f"table {oid} is not published"):
         await db.execute(f"SELECT pgbridge.unpublish({oid})")
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: "notes" in (bridge.bridge.publications or ()), what="the bridge to learn of notes")
     async with bridge.connect() as ws:
         await subscribe(ws, "notes")
         await db.execute("INSERT INTO notes2 VALUES (1)")
@@ -279,16 +282,15 @@ async def test_pgbridge_tables_cannot_be_published(db: asyncpg.Connection) -> No
             await db.execute(f"SELECT pgbridge.publish('{table}', collection => 'x')")
 
 
-async def test_tables_published_without_wake_ups_are_polled(dsn: str, db: asyncpg.Connection) -> None:
+async def test_tables_published_without_wake_ups_are_polled(
+    dsn: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
     await db.execute("CREATE TABLE quiet (id int); SELECT pgbridge.publish('quiet', wake => false)")
     heard: list[str] = []
-    await db.add_listener("pgbridge", lambda *args: heard.append(args[3]))
+    await db.add_listener((await changelog.channels(db))["wake"], lambda *args: heard.append(args[3]))
     running = await start_bridge(dsn, poll_interval=0.02)
-    try:
-        async with running.connect() as ws:
-            await subscribe(ws, "quiet")
-            await db.execute("INSERT INTO quiet SELECT generate_series(1, 3)")
-            assert [e["data"]["id"] for e in await until_quiet(ws, 0.5)] == [1, 2, 3]
-    finally:
-        await running.stop()
+    async with running.connect() as ws:
+        await subscribe(ws, "quiet")
+        await db.execute("INSERT INTO quiet SELECT generate_series(1, 3)")
+        assert [e["data"]["id"] for e in await until_quiet(ws, 0.5)] == [1, 2, 3]
     assert heard == []  # the writer sent no NOTIFY, so it took no database-wide lock

@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.browser import Browser, needs_chromium
+from tests.browser.chromium import Browser, needs_chromium
 from tests.helpers import free_port
 
 

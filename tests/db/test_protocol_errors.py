@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
+from typing import TYPE_CHECKING
 
 import asyncpg
 import jwt
@@ -18,11 +18,14 @@ from tests.helpers import (
     close_frame,
     recv,
     send,
-    start_bridge,
     subscribe,
     token,
     until_quiet,
+    wait_for,
 )
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
 
 
 @pytest.mark.parametrize(
@@ -169,7 +172,7 @@ async def test_a_frame_over_the_limit_closes_with_1009_and_others_carry_on(
 async def test_subscription_limit(bridge: RunningBridge, db: asyncpg.Connection) -> None:
     names = [f"c{i}" for i in range(101)]
     await db.execute("; ".join(f"CREATE TABLE {n} (id int); SELECT pgbridge.publish('{n}')" for n in names))
-    await asyncio.sleep(0.3)
+    await wait_for(lambda: set(names) <= (bridge.bridge.publications or set()), what="the bridge to learn of them")
     async with bridge.connect() as ws:
         for name in names[:100]:
             await subscribe(ws, name)
@@ -229,11 +232,11 @@ async def test_no_message_is_acted_on_before_the_token_is_checked(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
-async def test_shutdown_closes_clients_with_1001(dsn: str, posts: str) -> None:
+async def test_shutdown_closes_clients_with_1001(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn)
     async with running.connect() as ws:
         await subscribe(ws, "posts")
-        await running.stop()
+        await running.stop()  # what is tested
         assert await close_frame(ws) == (1001, "Server shutting down")
 
 
@@ -259,27 +262,22 @@ async def test_an_internal_error_closes_with_1011_and_the_server_stays_up(
 
 
 async def test_a_damaged_change_log_entry_is_skipped_and_logged(
-    dsn: str, posts: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    dsn: str, posts: str, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, start_bridge: Bridges
 ) -> None:
     running = await start_bridge(dsn)
-    try:
-        async with running.connect() as ws:
-            await subscribe(ws, "posts")
-            await db.execute("INSERT INTO posts (title) VALUES ('first')")
-            first = await recv(ws)
-    finally:
-        await running.stop()
+    async with running.connect() as ws:
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO posts (title) VALUES ('first')")
+        first = await recv(ws)
+    await running.stop()  # so that no listener reads the entry before it is damaged
     for title in ("one", "two", "three"):
         await db.execute("INSERT INTO posts (title) VALUES ($1)", title)
     # damaged: claims more rows than it holds (the listener has not read it: no bridge runs)
     await db.execute("UPDATE pgbridge.changes SET nrows = 5 WHERE body LIKE '%\"two\"%'")
     running = await start_bridge(dsn)
-    try:
-        async with running.connect() as ws:
-            await subscribe(ws, "posts", since=first["id"])
-            assert [e["data"]["title"] for e in await until_quiet(ws, 1)] == ["one", "three"]
-            await db.execute("INSERT INTO posts (title) VALUES ('live')")
-            assert (await recv(ws))["data"]["title"] == "live"
-    finally:
-        await running.stop()
+    async with running.connect() as ws:
+        await subscribe(ws, "posts", since=first["id"])
+        assert [e["data"]["title"] for e in await until_quiet(ws, 1)] == ["one", "three"]
+        await db.execute("INSERT INTO posts (title) VALUES ('live')")
+        assert (await recv(ws))["data"]["title"] == "live"
     assert any("damaged change-log entry" in r.getMessage() for r in caplog.records)

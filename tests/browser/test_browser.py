@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.browser import CHROMIUM, needs_chromium
-from tests.helpers import Cluster, psql, start_bridge, token, wait_for
+from tests.browser.chromium import CHROMIUM, needs_chromium
+from tests.helpers import Cluster, psql, token, wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
 
 # Verbatim from the SnackBase realtime page; only "your_jwt_token" is replaced by a real token.
 SEED_EXAMPLE = """
@@ -46,7 +50,7 @@ def _port_8000_free() -> bool:
 
 @needs_chromium
 async def test_the_seed_javascript_example_works_in_chromium(
-    dsn: str, posts: str, cluster: Cluster, tmp_path: Path
+    dsn: str, posts: str, cluster: Cluster, tmp_path: Path, start_bridge: Bridges
 ) -> None:
     assert CHROMIUM is not None, "chromium is missing: .ci/run installs Debian's chromium package"
     assert _port_8000_free(), "the example connects to localhost:8000, which another program is using"
@@ -79,5 +83,4 @@ async def test_the_seed_javascript_example_works_in_chromium(
         browser.kill()
         await browser.wait()
         reader.cancel()
-        await running.stop()
     assert not any("WebSocket error" in line for line in console), console

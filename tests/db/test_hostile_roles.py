@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
@@ -12,7 +12,10 @@ import pytest
 
 from pgbridge import changelog
 from pgbridge.migrate import migrate
-from tests.helpers import Cluster, Ledger, collect, start_bridge, subscribe, until_quiet, wait_for
+from tests.helpers import Cluster, Ledger, collect, subscribe, until_quiet, wait_for
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
 
 QUEUE_PAGES = 64  # 512 KiB of NOTIFY queue instead of 8 GB: filled in a second
 
@@ -66,7 +69,9 @@ async def _fill_queue(dsn: str) -> tuple[asyncpg.Connection, asyncpg.Connection]
     return holder, sender
 
 
-async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_leaves(queue_db: str) -> None:
+async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_leaves(
+    queue_db: str, start_bridge: Bridges
+) -> None:
     """Before 003, every write to a published table failed while the queue was full."""
     running = await start_bridge(queue_db, poll_interval=0.02)
     db = await asyncpg.connect(queue_db)
@@ -101,7 +106,6 @@ async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_lea
         assert len(ledger.received) == 33
     finally:
         await db.close()
-        await running.stop()
 
 
 async def _health(port: int) -> dict[str, Any]:

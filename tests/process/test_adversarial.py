@@ -14,8 +14,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
@@ -28,16 +27,17 @@ from tests.helpers import (
     BridgeProcess,
     RunningBridge,
     close_frame,
-    free_port,
     raw_upgrade,
     recv,
     send,
-    start_bridge,
     subscribe,
     token,
     until_quiet,
     wait_for,
 )
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges, Processes
 
 POSTS = """CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id int,
                                created_at timestamptz DEFAULT now(), account text);
@@ -45,16 +45,11 @@ POSTS = """CREATE TABLE posts (id bigserial PRIMARY KEY, title text, author_id i
 
 
 @pytest.fixture
-async def process(dsn: str, db: asyncpg.Connection) -> AsyncIterator[BridgeProcess]:
+async def process(dsn: str, db: asyncpg.Connection, bridge_process: Processes) -> BridgeProcess:
     await db.execute(POSTS)
-    bridge = BridgeProcess(dsn, free_port())
-    try:
-        await bridge.ready()
-        yield bridge
-    finally:
-        if bridge.proc.poll() is None:
-            bridge.proc.kill()
-        bridge.proc.wait()
+    bridge = bridge_process(dsn)
+    await bridge.ready()
+    return bridge
 
 
 HEALTH_WATCH = """
@@ -163,13 +158,15 @@ async def test_resumes_for_clients_that_already_left_are_dropped(
     assert peak - before < 200 * 2**20
 
 
-async def test_connection_limits_shed_with_503_and_health_still_answers(dsn: str, db: asyncpg.Connection) -> None:
+async def test_connection_limits_shed_with_503_and_health_still_answers(
+    dsn: str, db: asyncpg.Connection, bridge_process: Processes
+) -> None:
     await db.execute(POSTS)
 
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
 
-    bridge = BridgeProcess(dsn, free_port(), {"PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "1000"}, few_files)
+    bridge = bridge_process(dsn, env={"PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "1000"}, preexec=few_files)
     proc = bridge.proc
     clients: list[Any] = []
     refused = 0
@@ -187,65 +184,58 @@ async def test_connection_limits_shed_with_503_and_health_still_answers(dsn: str
     finally:
         for ws in clients:
             await ws.close()
-        proc.kill()
-        log = proc.communicate()[0].decode()
+    proc.kill()
+    log = proc.communicate()[0].decode()
     assert refused >= 50 and len(clients) >= 100
     assert len(log.splitlines()) < 20, log[-2000:]  # one line for the limit, not one per attempt
 
 
-async def test_connections_per_token_and_filter_costs_are_limited(dsn: str, posts: str) -> None:
+async def test_connections_per_token_and_filter_costs_are_limited(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn, max_connections_per_subject=3, max_filter_cost=150,
                                  max_filter_cost_per_subject=250)  # fmt: skip
-    try:
-        clients = [await running.connect(token(sub="eve")).__aenter__() for _ in range(3)]
-        async with running.connect(token(sub="eve")) as fourth:
-            assert await close_frame(fourth) == (1008, "Too many connections for this token")
-        async with running.connect(token(sub="bob")) as other:
-            await subscribe(other, "posts")  # another subject is not affected
-        big = {"author_id": {"in": list(range(100))}}
-        await subscribe(clients[0], "posts", filter=big)
-        await send(clients[0], {"action": "subscribe", "collection": "posts", "filter": {**big, "title": {"in": list(
-            map(str, range(60)))}}})  # fmt: skip
-        assert (await recv(clients[0]))["error"] == "Filters too complex: at most 150 conditions per connection"
-        await subscribe(clients[1], "posts", filter=big)
-        await send(clients[2], {"action": "subscribe", "collection": "posts", "filter": big})
-        assert (await recv(clients[2]))["error"] == "Filters too complex: at most 250 conditions per token"
-        await clients[1].close()
-        await wait_for(lambda: len(running.bridge.sessions) == 2, what="a connection to go")
-        await subscribe(clients[2], "posts", filter=big)  # what a closed connection spent is returned
-        for ws in clients:
-            await ws.close()
-    finally:
-        await running.stop()
+    clients = [await running.connect(token(sub="eve")).__aenter__() for _ in range(3)]
+    async with running.connect(token(sub="eve")) as fourth:
+        assert await close_frame(fourth) == (1008, "Too many connections for this token")
+    async with running.connect(token(sub="bob")) as other:
+        await subscribe(other, "posts")  # another subject is not affected
+    big = {"author_id": {"in": list(range(100))}}
+    await subscribe(clients[0], "posts", filter=big)
+    await send(clients[0], {"action": "subscribe", "collection": "posts", "filter": {**big, "title": {"in": list(
+        map(str, range(60)))}}})  # fmt: skip
+    assert (await recv(clients[0]))["error"] == "Filters too complex: at most 150 conditions per connection"
+    await subscribe(clients[1], "posts", filter=big)
+    await send(clients[2], {"action": "subscribe", "collection": "posts", "filter": big})
+    assert (await recv(clients[2]))["error"] == "Filters too complex: at most 250 conditions per token"
+    await clients[1].close()
+    await wait_for(lambda: len(running.bridge.sessions) == 2, what="a connection to go")
+    await subscribe(clients[2], "posts", filter=big)  # what a closed connection spent is returned
+    for ws in clients:
+        await ws.close()
 
 
-async def test_idle_connections_can_be_closed(dsn: str, posts: str) -> None:
+async def test_idle_connections_can_be_closed(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn, idle_timeout=1)
-    try:
-        async with running.connect() as idle, running.connect() as busy:
-            await subscribe(busy, "posts")
-            assert await close_frame(idle, timeout=5) == (1000, "No subscription for 1s")
-            await send(busy, {"action": "ping"})
-            assert (await recv(busy))["type"] == "pong"
-    finally:
-        await running.stop()
+    async with running.connect() as idle, running.connect() as busy:
+        await subscribe(busy, "posts")
+        assert await close_frame(idle, timeout=5) == (1000, "No subscription for 1s")
+        await send(busy, {"action": "ping"})
+        assert (await recv(busy))["type"] == "pong"
 
 
-async def test_replays_wait_their_turn_and_all_complete(dsn: str, db: asyncpg.Connection) -> None:
+async def test_replays_wait_their_turn_and_all_complete(
+    dsn: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
     await db.execute(POSTS)
     await db.execute("INSERT INTO posts (title) SELECT 'r' || g FROM generate_series(1, 3000) g")
     first = await db.fetchval("SELECT min(id) FROM pgbridge.changes")
     running = await start_bridge(dsn, max_replays=1, history_bytes=1024)
-    try:
-        clients = [await running.connect().__aenter__() for _ in range(20)]
-        for ws in clients:
-            await subscribe(ws, "posts", since=f"{first}.0")
-        results = await asyncio.gather(*(until_quiet(ws, 1.5) for ws in clients))
-        assert all(len(r) == 2999 for r in results)
-        for ws in clients:
-            await ws.close()
-    finally:
-        await running.stop()
+    clients = [await running.connect().__aenter__() for _ in range(20)]
+    for ws in clients:
+        await subscribe(ws, "posts", since=f"{first}.0")
+    results = await asyncio.gather(*(until_quiet(ws, 1.5) for ws in clients))
+    assert all(len(r) == 2999 for r in results)
+    for ws in clients:
+        await ws.close()
 
 
 async def test_an_empty_grant_denies_even_beside_a_wildcard(bridge: RunningBridge) -> None:
@@ -258,7 +248,7 @@ async def test_forbidden_and_unpublished_collections_look_the_same(
     bridge: RunningBridge, db: asyncpg.Connection
 ) -> None:
     await db.execute("CREATE TABLE secrets (id int); SELECT pgbridge.publish('secrets')")
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: "secrets" in (bridge.bridge.publications or ()), what="the bridge to learn of secrets")
     async with bridge.connect(token(collections=["posts"])) as ws:
         await send(ws, {"action": "subscribe", "collection": "secrets"})
         forbidden = (await recv(ws))["error"]
@@ -267,33 +257,29 @@ async def test_forbidden_and_unpublished_collections_look_the_same(
     assert forbidden.replace("secrets", "X") == missing.replace("nothing", "X")
 
 
-async def test_tenants_are_compared_exactly(dsn: str, db: asyncpg.Connection) -> None:
+async def test_tenants_are_compared_exactly(dsn: str, db: asyncpg.Connection, start_bridge: Bridges) -> None:
     await db.execute(POSTS)
     running = await start_bridge(dsn, tenant_claim="account", tenant_column="account")
-    try:
-        async with running.connect(token(account="2024-01-01T00:00:00Z")) as ws:
-            await subscribe(ws, "posts")
-            await db.execute("INSERT INTO posts (title, account) VALUES ('other', '2024-01-01T01:00:00+01:00')")
-            await db.execute("INSERT INTO posts (title, account) VALUES ('mine', '2024-01-01T00:00:00Z')")
-            assert [e["data"]["title"] for e in await until_quiet(ws, 0.5)] == ["mine"]
-        for claim in ([1, 2], {"a": 1}):
-            async with running.connect(token(account=claim)) as ws:
-                assert await close_frame(ws) == (1008, "Invalid account claim: must be a string, number or boolean")
-    finally:
-        await running.stop()
+    async with running.connect(token(account="2024-01-01T00:00:00Z")) as ws:
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO posts (title, account) VALUES ('other', '2024-01-01T01:00:00+01:00')")
+        await db.execute("INSERT INTO posts (title, account) VALUES ('mine', '2024-01-01T00:00:00Z')")
+        assert [e["data"]["title"] for e in await until_quiet(ws, 0.5)] == ["mine"]
+    for claim in ([1, 2], {"a": 1}):
+        async with running.connect(token(account=claim)) as ws:
+            assert await close_frame(ws) == (1008, "Invalid account claim: must be a string, number or boolean")
 
 
-async def test_health_does_not_show_database_details_while_it_is_down(dsn: str, posts: str) -> None:
+async def test_health_does_not_show_database_details_while_it_is_down(
+    dsn: str, posts: str, start_bridge: Bridges
+) -> None:
     bad = dsn.replace("postgres:@", "nosuchrole_4711:@")
     running = await start_bridge(bad, wait=False)  # the listener cannot log in: the error names the role
-    try:
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
-            assert resp.status == 503
-            text = await resp.text()
-        assert "nosuchrole" not in text and "/tmp" not in text and "socket" not in text
-        await wait_for(lambda: "nosuchrole_4711" in str(running.bridge.listener.problem), what="the cause")
-    finally:
-        await running.stop()
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/healthz") as resp:
+        assert resp.status == 503
+        text = await resp.text()
+    assert "nosuchrole" not in text and "/tmp" not in text and "socket" not in text
+    await wait_for(lambda: "nosuchrole_4711" in str(running.bridge.listener.problem), what="the cause")
 
 
 @pytest.mark.parametrize(
@@ -342,29 +328,31 @@ async def test_unmasked_client_frames_close_with_1002(bridge: RunningBridge) -> 
     writer.close()
 
 
-async def test_no_token_or_secret_is_ever_logged(dsn: str, posts: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_token_or_secret_is_ever_logged(
+    dsn: str, posts: str, caplog: pytest.LogCaptureFixture, start_bridge: Bridges
+) -> None:
     caplog.set_level(logging.DEBUG)
     running = await start_bridge(dsn)
     good, expired, wrong = token(), token(ttl=-60), token(secret="another-secret-another-secret-another!")
+    for tok in (good, expired, wrong):
+        for how in ("query", "bearer", "bare"):
+            kwargs: dict[str, Any] = {}
+            url = running.url(tok) if how == "query" else running.url()
+            if how != "query":
+                kwargs["subprotocols"] = ["bearer", tok] if how == "bearer" else [tok]
+            try:
+                async with websockets.connect(url, **kwargs) as ws:
+                    await send(ws, {"action": "subscribe", "collection": "posts"})
+                    await asyncio.wait_for(ws.recv(), 1)
+            except (websockets.ConnectionClosed, websockets.InvalidHandshake, TimeoutError):
+                pass
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
     try:
-        for tok in (good, expired, wrong):
-            for how in ("query", "bearer", "bare"):
-                kwargs: dict[str, Any] = {}
-                url = running.url(tok) if how == "query" else running.url()
-                if how != "query":
-                    kwargs["subprotocols"] = ["bearer", tok] if how == "bearer" else [tok]
-                try:
-                    async with websockets.connect(url, **kwargs) as ws:
-                        await send(ws, {"action": "subscribe", "collection": "posts"})
-                        await asyncio.wait_for(ws.recv(), 1)
-                except (websockets.ConnectionClosed, websockets.InvalidHandshake, TimeoutError):
-                    pass
-        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
         writer.write(f"GET /api/v1/realtime/ws?token={good} HTTP/1.1\r\n\r\n".encode())  # not an upgrade
         await reader.read()
-        writer.close()
     finally:
-        await running.stop()
+        writer.close()
+    await running.stop()  # what shutting down logs is checked too
     server_side = [r for r in caplog.records if not r.name.startswith("websockets")]  # not the test's own client
     logged = "\n".join(r.getMessage() + str(r.exc_info or "") + str(r.args) for r in server_side)
     assert logged  # debug logging did run

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import jwt
@@ -15,7 +16,10 @@ import pytest
 from pgbridge.migrate import migrate, migrations
 from tests.helpers import SECRET, Cluster, fresh_name, psql
 
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from tests.conftest import Processes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def pgbridge(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -105,7 +109,8 @@ async def test_a_write_never_fails_because_of_pgbridge(db: asyncpg.Connection) -
     assert [(r["op"], r["n"]) for r in counts] == [("create", 300), ("delete", 300), ("update", 300)]
 
 
-def test_publish_command_names_a_missing_table(dsn: str) -> None:
+# async, as every test of an async fixture (dsn) must be: a sync one gets another session loop, without the template
+async def test_publish_command_names_a_missing_table(dsn: str) -> None:
     done = pgbridge("publish", "--dsn", dsn, "secrets", "--exclude", "password")
     assert done.returncode == 1 and 'relation "secrets" does not exist' in done.stderr
 
@@ -324,24 +329,30 @@ async def test_status_shows_publications_the_log_and_the_bridge(dsn: str, db: as
     assert "bridge at http://127.0.0.1:1: not answering" in out
 
 
-async def test_json_logs_name_the_client_and_the_close_code(dsn: str, db: asyncpg.Connection) -> None:
+async def test_json_logs_name_the_client_and_the_close_code(
+    dsn: str, db: asyncpg.Connection, bridge_process: Processes
+) -> None:
     import json
 
+    import aiohttp
     import websockets
 
-    from tests.helpers import BridgeProcess, free_port, subscribe, token
-    from tests.test_recovery import POSTS
+    from tests.db.test_recovery import POSTS
+    from tests.helpers import subscribe, token, wait_for
 
     await db.execute(POSTS)
-    bridge = BridgeProcess(dsn, free_port(), {"PGBRIDGE_LOG_FORMAT": "json", "PGBRIDGE_LOG_LEVEL": "DEBUG"})
-    try:
-        await bridge.ready()
-        async with websockets.connect(bridge.url(token())) as ws:
-            await subscribe(ws, "posts")
-        await asyncio.sleep(0.3)
-    finally:
-        bridge.proc.terminate()
-        output = (await asyncio.to_thread(bridge.proc.communicate))[0].decode()
+    bridge = bridge_process(dsn, env={"PGBRIDGE_LOG_FORMAT": "json", "PGBRIDGE_LOG_LEVEL": "DEBUG"})
+    await bridge.ready()
+    async with websockets.connect(bridge.url(token())) as ws:
+        await subscribe(ws, "posts")
+
+    async def no_clients() -> bool:  # the bridge has ended the session, and logged it
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{bridge.port}/healthz") as resp:
+            return bool((await resp.json())["clients"] == 0)
+
+    await wait_for(no_clients, what="the bridge to see the client go")
+    bridge.proc.terminate()
+    output = (await asyncio.to_thread(bridge.proc.communicate))[0].decode()
     entries = [json.loads(line) for line in output.splitlines()]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
     gone = [e for e in entries if "disconnected" in e["message"]]

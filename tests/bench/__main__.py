@@ -17,10 +17,10 @@ version (what ``make test`` runs, to keep the benchmark working).
 4. memory: the bridge's peak Python heap while one 200,000-row statement flows through it, vs. the
    size of those rows;
 5. on real sockets, the bridge as ``pgbridge serve`` and its clients in processes of their own
-   (picows, so that the client side costs little; ``tests/benchclient.py``):
+   (picows, so that the client side costs little; ``tests/bench/client.py``):
    - fan-out ceiling: 500 subscribers of one collection, rows written as fast as possible, deliveries
      per second once every delivery is complete, vs. a minimal aiohttp server writing pre-encoded
-     frames to the same 500 sockets (``tests/benchbaseline.py``); and with 2 workers vs. 1;
+     frames to the same 500 sockets (``tests/bench/baseline.py``); and with 2 workers vs. 1;
    - latency: commit to client receive at 1,000 rows/s and 100 subscribers, p50 and p99, and p99 with
      one subscriber, vs. a bare asyncpg listener's commit to callback;
    - connections: 20,000 subscribed sockets, RSS per connection, and one row broadcast to all of them
@@ -357,7 +357,7 @@ FILE_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 
 
 class Fleet:
-    """Benchmark clients (tests/benchclient.py) in processes of their own, at most 5000 connections each."""
+    """Benchmark clients (tests/bench/client.py) in processes of their own, at most 5000 connections each."""
 
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
@@ -370,7 +370,7 @@ class Fleet:
         started = []
         for offset in range(0, count, 5000):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.benchclient", url, str(min(5000, count - offset)), str(first + offset),
+                sys.executable, "-m", "tests.bench.client", url, str(min(5000, count - offset)), str(first + offset),
                 subscribe, stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 30,
                 env={**os.environ, "PGBRIDGE_SAMPLE": str(sample), "PGBRIDGE_SAMPLE_CONNECTIONS": str(connections)},
             )  # fmt: skip
@@ -472,7 +472,7 @@ async def fan_out_sockets(dsn: str) -> list[Result]:
     fleet = Fleet()
     for _ in range(ROUNDS):
         port = free_port()
-        server = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.benchbaseline", str(port))
+        server = await asyncio.create_subprocess_exec(sys.executable, "-m", "tests.bench.baseline", str(port))
         try:
             await healthy(port)
             await fleet.open(f"ws://127.0.0.1:{port}/api/v1/realtime/ws", subscribers)

@@ -1,6 +1,6 @@
 """The fan-out baseline: a minimal aiohttp server writing pre-encoded frames to every socket.
 
-``python -m tests.benchbaseline PORT`` accepts WebSocket connections at the bridge's path, confirms any
+``python -m tests.bench.baseline PORT`` accepts WebSocket connections at the bridge's path, confirms any
 subscribe message, and on ``POST /blast?n=N`` writes N data events (the same frames to every socket,
 built once), pausing only while a socket's buffer is over 1 MiB: what a bridge's fan-out would cost
 with nothing else to do.

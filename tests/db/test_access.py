@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import jwt
@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pgbridge import changelog
 from pgbridge.auth import TokenPolicy
+from pgbridge.events import event_id
 from tests.helpers import (
     Ledger,
     RunningBridge,
@@ -23,16 +24,19 @@ from tests.helpers import (
     collect,
     recv,
     send,
-    start_bridge,
     subscribe,
     token,
     until_quiet,
+    wait_for,
 )
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
 
 
 async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db: asyncpg.Connection) -> None:
     await db.execute("CREATE TABLE notes (id int); SELECT pgbridge.publish('notes')")
-    await asyncio.sleep(0.2)
+    await wait_for(lambda: "notes" in (bridge.bridge.publications or ()), what="the bridge to learn of notes")
     async with bridge.connect(token(collections=["notes"])) as ws:
         await send(ws, {"action": "subscribe", "collection": "posts"})
         assert await recv(ws) == {
@@ -50,49 +54,55 @@ async def test_collections_claim_limits_subscriptions(bridge: RunningBridge, db:
         await assert_silent(ws, 0.3)
 
 
-async def test_tokens_without_the_claim_follow_the_server_setting(dsn: str, posts: str) -> None:
+@pytest.mark.parametrize(("setting", "subscribed"), [("none", False), ("all", True)])
+async def test_tokens_without_the_claim_follow_the_server_setting(
+    dsn: str, posts: str, setting: str, subscribed: bool, start_bridge: Bridges
+) -> None:
     unscoped = token()
     unscoped = jwt.encode(
         {k: v for k, v in jwt.decode(unscoped, options={"verify_signature": False}).items() if k != "collections"},
         "test-secret-with-enough-bytes-for-hs256!",
         algorithm="HS256",
     )
-    for setting, expect_ok in (("none", False), ("all", True)):
-        running = await start_bridge(dsn, unscoped_tokens=setting)
-        try:
-            async with running.connect(unscoped) as ws:
-                await send(ws, {"action": "subscribe", "collection": "posts"})
-                reply = await recv(ws)
-                assert ("status" in reply) is expect_ok, reply
-        finally:
-            await running.stop()
+    running = await start_bridge(dsn, unscoped_tokens=setting)
+    async with running.connect(unscoped) as ws:
+        await send(ws, {"action": "subscribe", "collection": "posts"})
+        reply = await recv(ws)
+    if subscribed:  # from where the bridge is: nothing was written meanwhile
+        position = event_id(running.bridge.listener.head)
+        assert reply == {"status": "subscribed", "type": "subscribed", "collection": "posts", "id": position}
+    else:
+        assert reply == {
+            "error": "Collection 'posts' is not published or not allowed for this token",
+            "action": "subscribe",
+            "collection": "posts",
+        }
 
 
-async def test_tenants_see_only_their_rows_and_rows_moving_between_them(dsn: str, db: asyncpg.Connection) -> None:
+async def test_tenants_see_only_their_rows_and_rows_moving_between_them(
+    dsn: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
     await db.execute(
         """CREATE TABLE docs (id int PRIMARY KEY, account_id int, body text);
            SELECT pgbridge.publish('docs')"""
     )
     running = await start_bridge(dsn, tenant_claim="account_id", tenant_column="account_id")
-    try:
-        async with (
-            running.connect(token(account_id=1)) as one,
-            running.connect(token(account_id=2)) as two,
-        ):
-            await subscribe(one, "docs")
-            await subscribe(two, "docs")
-            await db.execute(
-                """INSERT INTO docs VALUES (1, 1, 'one-a'), (2, 2, 'two-a'), (3, 1, 'one-b'), (4, 3, 'three');
-                   UPDATE docs SET body = body || '!' WHERE id IN (1, 2, 4);
-                   UPDATE docs SET account_id = 2, body = 'moved' WHERE id = 3;
-                   DELETE FROM docs WHERE id = 1;"""
-            )
-            got_one = await collect(one, 5)
-            got_two = await collect(two, 3)
-            await assert_silent(one, 0.3)
-            await assert_silent(two, 0.3)
-    finally:
-        await running.stop()
+    async with (
+        running.connect(token(account_id=1)) as one,
+        running.connect(token(account_id=2)) as two,
+    ):
+        await subscribe(one, "docs")
+        await subscribe(two, "docs")
+        await db.execute(
+            """INSERT INTO docs VALUES (1, 1, 'one-a'), (2, 2, 'two-a'), (3, 1, 'one-b'), (4, 3, 'three');
+               UPDATE docs SET body = body || '!' WHERE id IN (1, 2, 4);
+               UPDATE docs SET account_id = 2, body = 'moved' WHERE id = 3;
+               DELETE FROM docs WHERE id = 1;"""
+        )
+        got_one = await collect(one, 5)
+        got_two = await collect(two, 3)
+        await assert_silent(one, 0.3)
+        await assert_silent(two, 0.3)
     assert [(e["type"], e["data"]["id"]) for e in got_one] == [
         ("docs.create", 1),
         ("docs.create", 3),
@@ -114,13 +124,10 @@ async def test_tenants_see_only_their_rows_and_rows_moving_between_them(dsn: str
     assert "three" not in str(got_one + got_two)
 
 
-async def test_a_token_without_the_tenant_claim_is_refused(dsn: str, posts: str) -> None:
+async def test_a_token_without_the_tenant_claim_is_refused(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn, tenant_claim="account_id", tenant_column="account_id")
-    try:
-        async with running.connect(token()) as ws:
-            assert await close_frame(ws) == (1008, "Token lacks the account_id claim")
-    finally:
-        await running.stop()
+    async with running.connect(token()) as ws:
+        assert await close_frame(ws) == (1008, "Token lacks the account_id claim")
 
 
 async def test_filters_select_rows_and_see_rows_leave(bridge: RunningBridge, db: asyncpg.Connection) -> None:
@@ -190,28 +197,27 @@ def _pem(key: Any) -> bytes:
 
 
 @pytest.mark.parametrize("kind", ["RS256", "ES256"])
-async def test_public_key_tokens_and_algorithm_confusion(dsn: str, posts: str, kind: str) -> None:
+async def test_public_key_tokens_and_algorithm_confusion(
+    dsn: str, posts: str, kind: str, start_bridge: Bridges
+) -> None:
     private = rsa.generate_private_key(65537, 2048) if kind == "RS256" else ec.generate_private_key(ec.SECP256R1())
     public_pem = _pem(private)
     policy = TokenPolicy.from_settings(secret=None, public_key_pem=public_pem, audience="app", issuer="auth")
     running = await start_bridge(dsn, policy=policy)
     now = int(time.time())
     good = {"sub": "u", "exp": now + 60, "aud": "app", "iss": "auth", "collections": "*"}
-    try:
-        async with running.connect(jwt.encode(good, private, algorithm=kind)) as ws:
-            await subscribe(ws, "posts")
-        bad_tokens = [
-            jwt.encode({**good, "aud": "other"}, private, algorithm=kind),
-            jwt.encode({**good, "iss": "mallory"}, private, algorithm=kind),
-            jwt.encode({k: v for k, v in good.items() if k != "aud"}, private, algorithm=kind),
-            # algorithm confusion: HS256 "signed" with the public key as the secret
-            _hs256_with_public_key(good, public_pem),
-        ]
-        for bad in bad_tokens:
-            async with running.connect(bad) as ws:
-                assert await close_frame(ws) == (1008, "Authentication failed")
-    finally:
-        await running.stop()
+    async with running.connect(jwt.encode(good, private, algorithm=kind)) as ws:
+        await subscribe(ws, "posts")
+    bad_tokens = [
+        jwt.encode({**good, "aud": "other"}, private, algorithm=kind),
+        jwt.encode({**good, "iss": "mallory"}, private, algorithm=kind),
+        jwt.encode({k: v for k, v in good.items() if k != "aud"}, private, algorithm=kind),
+        # algorithm confusion: HS256 "signed" with the public key as the secret
+        _hs256_with_public_key(good, public_pem),
+    ]
+    for bad in bad_tokens:
+        async with running.connect(bad) as ws:
+            assert await close_frame(ws) == (1008, "Authentication failed")
 
 
 def _hs256_with_public_key(claims: dict[str, Any], public_pem: bytes) -> str:
@@ -228,13 +234,29 @@ def _hs256_with_public_key(claims: dict[str, Any], public_pem: bytes) -> str:
     return (signing_input + b"." + b64(signature)).decode()
 
 
-async def test_leeway_tolerates_clock_skew(dsn: str, posts: str) -> None:
+async def test_leeway_tolerates_clock_skew(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn, jwt_leeway=30)
-    try:
-        async with running.connect(token(ttl=-5)) as ws:
-            await subscribe(ws, "posts")
-    finally:
-        await running.stop()
+    async with running.connect(token(ttl=-5)) as ws:
+        await subscribe(ws, "posts")
+
+
+async def test_a_token_expired_within_the_leeway_is_closed_once_the_leeway_passes(
+    dsn: str, posts: str, start_bridge: Bridges
+) -> None:
+    leeway = 3
+    running = await start_bridge(dsn, jwt_leeway=leeway)
+    tok = token(ttl=-1)
+    exp = jwt.decode(tok, options={"verify_signature": False})["exp"]
+    async with running.connect(tok) as ws:
+        await subscribe(ws, "posts")  # expired a second or two ago: within the leeway
+        # Until exp + leeway passes, the connection stays open and serving (the watchdog looks every second).
+        await asyncio.sleep(exp + leeway - 1 - time.time())  # the time passing is what is tested
+        await send(ws, {"action": "ping"})
+        assert (await recv(ws))["type"] == "pong"
+        assert time.time() < exp + leeway, "the test was too slow to see the connection open within the leeway"
+        # Then it is closed as any expired token's: within a round of the watchdog, and not before.
+        assert await close_frame(ws, timeout=exp + leeway + 2 - time.time()) == (1008, "Token expired")
+        assert time.time() >= exp + leeway
 
 
 async def test_only_pgbridge_can_attach_its_capture_to_a_table(dsn: str, db: asyncpg.Connection) -> None:
@@ -257,7 +279,7 @@ async def test_only_pgbridge_can_attach_its_capture_to_a_table(dsn: str, db: asy
 
 
 async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
-    dsn: str, posts: str, db: asyncpg.Connection
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
     """A role that may write to a published table but not read it: LISTEN gives it nothing, and nothing it
     sends or holds changes what a subscriber receives."""
@@ -306,32 +328,31 @@ async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
         assert {e["data"]["title"] for e in ledger.received} >= {"real 0", "mallory 19", "last"}
         assert all("secret" not in e["data"] for e in ledger.received)
         assert running.bridge.listener.reconnects == reconnects  # nothing made the listener start over
-        await asyncio.sleep(0.2)
+        # the last notification mallory sent: once it has arrived, so has every one sent before it
+        await wait_for(lambda: "2000" in heard, what="mallory's own notifications to reach it")
         assert heard and set(heard) <= {"2", "garbage"} | {str(g) for g in range(1, 2001)} | {forged}
         assert not any("ssn" in h or "real" in h for h in heard)  # LISTEN carries no row data
     finally:
         await mallory.close()
-        await running.stop()
 
 
-async def test_a_bridge_can_run_as_a_role_of_its_own(dsn: str, posts: str, db: asyncpg.Connection) -> None:
+async def test_a_bridge_can_run_as_a_role_of_its_own(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
     role = f"bridge_{dsn.rsplit('/', 1)[1].split('?')[0]}"
     await db.execute(f"CREATE ROLE {role} LOGIN; SELECT pgbridge.grant_bridge('{role}')")
     as_role = dsn.replace("postgres:@", f"{role}:@")
     running = await start_bridge(as_role)
+    async with running.connect() as ws:
+        await subscribe(ws, "posts")
+        await db.execute("INSERT INTO posts (title, secret) VALUES ('via its own role', 'x')")
+        assert (await recv(ws))["data"]["title"] == "via its own role"
+    conn = await asyncpg.connect(as_role)
     try:
-        async with running.connect() as ws:
-            await subscribe(ws, "posts")
-            await db.execute("INSERT INTO posts (title, secret) VALUES ('via its own role', 'x')")
-            assert (await recv(ws))["data"]["title"] == "via its own role"
-        conn = await asyncpg.connect(as_role)
-        try:
-            await db.execute("INSERT INTO posts (title) VALUES ('more')")
-            await changelog.tick(conn)
-            assert await changelog.prune(conn, max_age=0, max_transactions=1) >= 1
-            with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await conn.execute("SELECT pgbridge.publish('posts')")  # publishing stays with the owner
-        finally:
-            await conn.close()
+        await db.execute("INSERT INTO posts (title) VALUES ('more')")
+        await changelog.tick(conn)
+        assert await changelog.prune(conn, max_age=0, max_transactions=1) >= 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("SELECT pgbridge.publish('posts')")  # publishing stays with the owner
     finally:
-        await running.stop()
+        await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import aiohttp
 import asyncpg
@@ -15,9 +16,12 @@ from tests.helpers import (
     psql,
     recv,
     send,
-    start_bridge,
     subscribe,
+    wait_for,
 )
+
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
 
 
 async def test_psql_writes_arrive_as_create_update_delete(bridge: RunningBridge, cluster: Cluster) -> None:
@@ -72,17 +76,14 @@ async def test_resubscribing_replaces_and_unsubscribe_stops(bridge: RunningBridg
         await assert_silent(ws, 0.3)
 
 
-async def test_ping_pong_and_heartbeat(dsn: str, posts: str) -> None:
+async def test_ping_pong_and_heartbeat(dsn: str, posts: str, start_bridge: Bridges) -> None:
     running = await start_bridge(dsn, heartbeat=0.2)
-    try:
-        async with running.connect() as ws:
-            await send(ws, {"action": "ping"})
-            pong = await recv(ws)
-            assert pong["type"] == "pong" and pong["timestamp"].endswith("Z")
-            beat = await recv(ws, 2, skip_heartbeats=False)
-            assert beat["type"] == "heartbeat" and beat["timestamp"].endswith("Z")
-    finally:
-        await running.stop()
+    async with running.connect() as ws:
+        await send(ws, {"action": "ping"})
+        pong = await recv(ws)
+        assert pong["type"] == "pong" and pong["timestamp"].endswith("Z")
+        beat = await recv(ws, 2, skip_heartbeats=False)
+        assert beat["type"] == "heartbeat" and beat["timestamp"].endswith("Z")
 
 
 async def test_a_statement_of_many_rows_arrives_row_by_row_in_order(
@@ -109,7 +110,9 @@ async def test_a_one_megabyte_row_arrives_whole(bridge: RunningBridge, db: async
         assert updated["data"]["title"] == big and updated["old"]["title"] == big
 
 
-async def test_types_tables_without_key_and_other_schemas(dsn: str, db: asyncpg.Connection, cluster: Cluster) -> None:
+async def test_types_tables_without_key_and_other_schemas(
+    dsn: str, db: asyncpg.Connection, cluster: Cluster, start_bridge: Bridges
+) -> None:
     await db.execute(
         """CREATE SCHEMA shop;
            CREATE TABLE shop.items (label text, price numeric, big numeric, tags text[], meta jsonb,
@@ -117,22 +120,19 @@ async def test_types_tables_without_key_and_other_schemas(dsn: str, db: asyncpg.
            SELECT pgbridge.publish('shop.items');"""
     )
     running = await start_bridge(dsn)
-    try:
-        async with running.connect() as ws:
-            await subscribe(ws, "items")
-            psql(
-                cluster,
-                dsn,
-                """SET TIME ZONE 'Asia/Kolkata';
-                INSERT INTO shop.items VALUES
-                  ('naïve ☃ "quoted"\n', 12.50, 123456789012345678901234567890.123456789, '{a,"b c"}',
-                   '{"k": [1, null, {"z": true}]}', '2026-01-17 12:34:56.789+00', '2026-01-17', true, 1),
-                  (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 2);
-                UPDATE shop.items SET n = n * 10;""",
-            )
-            c1, c2, u1, u2 = await collect(ws, 4)
-    finally:
-        await running.stop()
+    async with running.connect() as ws:
+        await subscribe(ws, "items")
+        psql(
+            cluster,
+            dsn,
+            """SET TIME ZONE 'Asia/Kolkata';
+            INSERT INTO shop.items VALUES
+              ('naïve ☃ "quoted"\n', 12.50, 123456789012345678901234567890.123456789, '{a,"b c"}',
+               '{"k": [1, null, {"z": true}]}', '2026-01-17 12:34:56.789+00', '2026-01-17', true, 1),
+              (NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 2);
+            UPDATE shop.items SET n = n * 10;""",
+        )
+        c1, c2, u1, u2 = await collect(ws, 4)
     assert c1["data"]["label"] == 'naïve ☃ "quoted"\n'
     assert c1["data"]["price"] == 12.5
     assert c1["data"]["tags"] == ["a", "b c"]
@@ -150,7 +150,8 @@ async def test_types_tables_without_key_and_other_schemas(dsn: str, db: asyncpg.
 
 async def test_big_numerics_arrive_exactly(bridge: RunningBridge, db: asyncpg.Connection) -> None:
     await db.execute("CREATE TABLE amounts (v numeric); SELECT pgbridge.publish('amounts')")
-    await asyncio.sleep(0.2)  # the bridge learns of the new collection through a notification
+    # the bridge learns of the new collection through a notification
+    await wait_for(lambda: "amounts" in (bridge.bridge.publications or ()), what="the bridge to learn of amounts")
     async with bridge.connect() as ws:
         await subscribe(ws, "amounts")
         await db.execute("INSERT INTO amounts VALUES (123456789012345678901234567890.123456789)")
@@ -207,12 +208,7 @@ async def test_publishing_later_makes_a_collection_available(bridge: RunningBrid
         await send(ws, {"action": "subscribe", "collection": "comments"})
         assert "not published" in (await recv(ws))["error"]
         await db.execute("CREATE TABLE comments (id int); SELECT pgbridge.publish('comments')")
-        for _ in range(50):
-            await send(ws, {"action": "subscribe", "collection": "comments"})
-            reply = await recv(ws)
-            if reply.get("status") == "subscribed":
-                break
-            await asyncio.sleep(0.05)
-        assert reply == {"status": "subscribed", "type": "subscribed", "collection": "comments", "id": reply["id"]}
+        await wait_for(lambda: "comments" in (bridge.bridge.publications or ()), what="the bridge to learn of comments")
+        await subscribe(ws, "comments")  # the same connection: what it was refused before, it may have now
         await db.execute("INSERT INTO comments VALUES (5)")
         assert (await recv(ws))["data"] == {"id": 5}

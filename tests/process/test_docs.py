@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import asyncpg
@@ -33,10 +33,13 @@ import websockets
 
 from pgbridge import config, protocol
 from pgbridge.cli import _parser
-from tests.browser import Browser, needs_chromium
-from tests.helpers import SECRET, Cluster, RunningBridge, free_port, healthy, start_bridge, token
+from tests.browser.chromium import Browser, needs_chromium
+from tests.helpers import SECRET, Cluster, RunningBridge, free_port, healthy, token, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from tests.conftest import Bridges
+
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 FENCE = re.compile(r"^```(\S*)[ \t]*(\S*)\n(.*?)^```", re.M | re.S)
@@ -117,7 +120,9 @@ def test_the_configuration_reference_is_the_code() -> None:
     wanted = f"\n{reference()}\n\n"
     if os.environ.get("PGBRIDGE_WRITE_DOCS"):
         page.write_text(head + start + wanted + end + tail)
-    assert current == wanted, "docs/configuration.md is out of date: PGBRIDGE_WRITE_DOCS=1 pytest tests/test_docs.py"
+    assert current == wanted, (
+        "docs/configuration.md is out of date: PGBRIDGE_WRITE_DOCS=1 pytest tests/process/test_docs.py"
+    )
 
 
 def test_troubleshooting_quotes_what_the_programs_say() -> None:
@@ -128,15 +133,12 @@ def test_troubleshooting_quotes_what_the_programs_say() -> None:
     assert [q for q, _ in quoted if q not in source] == []
 
 
-async def test_every_metric_the_docs_name_is_served(dsn: str, posts: str) -> None:
+async def test_every_metric_the_docs_name_is_served(dsn: str, posts: str, start_bridge: Bridges) -> None:
     named = {n for page in PAGES for n in re.findall(r"\bpgbridge_[a-z_]+", (DOCS / page).read_text())}
     running = await start_bridge(dsn, stats_interval=0.1)
-    try:
-        await asyncio.sleep(0.5)
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/metrics") as resp:
-            text = await resp.text()
-    finally:
-        await running.stop()
+    await wait_for(lambda: running.bridge.stats is not None, what="the change-log figures")
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/metrics") as resp:
+        text = await resp.text()
     served = set(re.findall(r"^(pgbridge_[a-z_]+)", text, re.M))  # samples, and families with none yet:
     for name, kind in re.findall(r"^# TYPE (pgbridge_[a-z_]+) (\w+)", text, re.M):
         served |= {f"{name}_total"} if kind == "counter" else {name, f"{name}_bucket"}
@@ -330,7 +332,9 @@ def _needs(page: str) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=list(_needs(p))) for p in PAGES])
-async def test_the_blocks_of_a_page_run(page: str, dsn: str, posts: str, cluster: Cluster, tmp_path: Path) -> None:
+async def test_the_blocks_of_a_page_run(
+    page: str, dsn: str, posts: str, cluster: Cluster, tmp_path: Path, start_bridge: Bridges
+) -> None:
     running = await start_bridge(dsn)
     conn = await asyncpg.connect(dsn)
     try:
@@ -342,7 +346,6 @@ async def test_the_blocks_of_a_page_run(page: str, dsn: str, posts: str, cluster
                 exc.add_note(f"in {block}")
                 raise
     finally:
-        await running.stop()
         await conn.execute("""DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'bridge') THEN
                               DROP OWNED BY bridge; DROP ROLE bridge; END IF; END $$""")  # fmt: skip
         await conn.close()
