@@ -63,6 +63,8 @@ class Settings:
     stats_interval: float = 10.0
     queue_warning: float = 0.5
     metrics_token: str | None = None
+    cors_origins: tuple[str, ...] = ("*",)
+    sse_retry: float = 2.0
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     def __post_init__(self) -> None:
@@ -78,6 +80,8 @@ class Settings:
             raise ConfigError("--unscoped-tokens must be all or none")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ConfigError("--loop must be auto, asyncio or uvloop")
+        if not self.cors_origins:
+            raise ConfigError("--cors-origins needs at least one origin, or * for any")
         check_secret(self.jwt_secret)
 
 
@@ -85,7 +89,7 @@ _POSITIVE = (
     "workers", "heartbeat", "handshake_timeout", "max_subscriptions", "max_frame", "outbound_limit", "stall_timeout",
     "close_timeout", "max_connections_per_subject", "max_filter_cost", "max_filter_cost_per_subject", "max_replays",
     "max_snapshots", "history_bytes", "retention_age", "retention_transactions", "prune_interval", "probe_interval",
-    "probe_timeout", "poll_interval", "stats_interval",
+    "probe_timeout", "poll_interval", "stats_interval", "sse_retry",
 )  # fmt: skip
 _NOT_NEGATIVE = ("ping_interval", "idle_timeout", "max_connections", "jwt_leeway")
 
@@ -193,6 +197,15 @@ SERVE = (
     _serve("stats_interval", float, "seconds between reads of the change log's size and the NOTIFY queue"),
     _serve("queue_warning", float, "NOTIFY queue fill (0 to 1) from which /healthz reports degraded"),
     _serve("metrics_token", str, "bearer token /metrics requires (default: none, open to all)"),
+    Option(
+        "cors_origins",
+        str,
+        ["*"],
+        "origins whose pages may read event streams and /client.js (*: any; tokens are not cookies, so no "
+        "credentials are allowed)",
+        many=True,
+    ),
+    _serve("sse_retry", float, "seconds an EventSource waits before it reconnects (the stream's retry: field)"),
     _serve("loop", str, "event loop: uvloop (the fast extra), asyncio, or auto: uvloop when installed"),
 )
 DEV = (*SERVE, Option("data_dir", Path, Path(".pgbridge"), "where the embedded database lives"))
@@ -277,4 +290,7 @@ def settings(values: dict[str, Any], **overrides: Any) -> Settings:
     """The serve settings from resolved option values (the secret read from its file if need be)."""
     chosen = {k: v for k, v in {**values, **overrides}.items() if k in _DEFAULTS}
     chosen["jwt_secret"] = read_secret(chosen)
+    for name, default in _DEFAULTS.items():
+        if isinstance(default, tuple) and name in chosen:
+            chosen[name] = tuple(chosen[name])
     return Settings(**chosen)

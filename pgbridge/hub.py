@@ -218,23 +218,16 @@ class Bridge:
         At most ``--max-snapshots`` run at once; more wait their turn.
         """
         pool = self._pool()
-        async with self.snapshot_slots:
+        async with self.snapshot_slots, _acquired(pool) as reader:
             with database.errors():
-                reader: asyncpg.Connection = await pool.acquire()
+                tick = await self._snapshot_tick(pool, reader)
+                await reader.execute(f"SELECT pgbridge.snapshot_v3($1, '{SNAPSHOT_CURSOR}')", collection)
+            self.snapshots += 1
+            rows = self._rows(reader)
             try:
-                with database.errors():
-                    tick = await self._snapshot_tick(pool, reader)
-                    await reader.execute(f"SELECT pgbridge.snapshot_v3($1, '{SNAPSHOT_CURSOR}')", collection)
-                self.snapshots += 1
-                rows = self._rows(reader)
-                try:
-                    yield tick, rows
-                finally:
-                    await rows.aclose()
+                yield tick, rows
             finally:
-                with contextlib.suppress(*database.DRIVER_ERRORS):
-                    await reader.execute("ROLLBACK")
-                await pool.release(reader)
+                await rows.aclose()
 
     async def _snapshot_tick(self, pool: asyncpg.Pool, reader: asyncpg.Connection) -> int:
         """Start ``reader``'s transaction on the snapshot of a tick; return the tick.
@@ -291,6 +284,28 @@ class Bridge:
         await asyncio.gather(*(session.close(code, reason) for session in list(self.sessions)), return_exceptions=True)
 
 
+@contextlib.asynccontextmanager
+async def _acquired(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pool connection whose transaction, if one is left open, is rolled back before it is returned."""
+    with database.errors():
+        conn: asyncpg.Connection = await pool.acquire()
+    try:
+        yield conn
+    finally:
+        # Shielded: a session cancelled while this runs would otherwise never return the connection.
+        await asyncio.shield(_release(pool, conn))
+
+
+async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    try:
+        if conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+    except database.DRIVER_ERRORS:
+        pass  # the pool replaces a connection it cannot reset
+    finally:
+        await pool.release(conn)
+
+
 def _age(timestamp: str | None, now: float) -> float:
     if timestamp is None:
         return 0.0
@@ -337,6 +352,8 @@ async def _watchdog(bridge: Bridge) -> None:
         now, wall = time.monotonic(), time.time()
         for session in list(bridge.sessions):
             # checked here rather than by timers per session: memory
+            if session.closing:
+                continue
             if session.expired(wall):
                 session.close_soon(Close.POLICY, protocol.TOKEN_EXPIRED)
             elif session.stalled(now):

@@ -343,3 +343,54 @@ def compare_ids(a: str, b: str) -> int:
     """-1, 0 or 1 as event id ``a`` comes before, with, or after ``b`` (tuples of integers)."""
     ka, kb = tuple(map(int, a.split("."))), tuple(map(int, b.split(".")))
     return int(ka > kb) - int(ka < kb)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One event of an SSE stream: its ``id:`` (None when it has none), ``event:`` and ``data:``."""
+
+    id: str | None
+    event: str
+    data: str
+
+
+class EventStreamParser:
+    """Reads an SSE stream (``text/event-stream``) as the WHATWG HTML standard says browsers do:
+    lines ending in LF, CR or CRLF; ``field: value``; a blank line ends an event; ``:`` starts a comment
+    (heartbeats). ``retry:`` values are kept in :attr:`retry`."""
+
+    __slots__ = ("_buffer", "_data", "_event", "_id", "retry")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._event = ""
+        self._id: str | None = None
+        self.retry: int | None = None
+
+    def feed(self, chunk: bytes) -> list[StreamEvent]:
+        """The events ``chunk`` completes."""
+        self._buffer += chunk
+        events: list[StreamEvent] = []
+        lines = self._buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._buffer = lines.pop()
+        for raw in lines:
+            line = raw.decode()
+            if not line:
+                if self._data:
+                    events.append(StreamEvent(self._id, self._event or "message", "\n".join(self._data)))
+                self._data, self._event, self._id = [], "", None
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                self._data.append(value)
+            elif name == "event":
+                self._event = value
+            elif name == "id" and "\0" not in value:
+                self._id = value
+            elif name == "retry" and value.isdigit():
+                self.retry = int(value)
+        return events

@@ -19,12 +19,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from pgbridge import websocket
+from pgbridge import sse, websocket
 from pgbridge.auth import TokenPolicy
 from pgbridge.config import Settings
 from pgbridge.hub import SIDE_TASKS, Bridge
 from pgbridge.metrics import CONTENT_TYPE, Exposition
-from pgbridge.protocol import SHUTTING_DOWN, WS_PATH, Close
+from pgbridge.protocol import SHUTTING_DOWN, SSE_PATH, WS_PATH, Close
 from pgbridge.stream import BRIDGE
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,8 @@ def create_app(settings: Settings, tokens: TokenPolicy) -> web.Application:
     limit = settings.max_connections or _descriptor_limit()
     app[BRIDGE] = Bridge(settings, tokens, limit)
     app.router.add_get(WS_PATH, websocket.handle)
+    app.router.add_get(SSE_PATH, sse.handle)
+    app.router.add_route("OPTIONS", SSE_PATH, sse.preflight)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     for path in _PAGES:
