@@ -3,6 +3,9 @@
 Claims pgbridge reads:
 
 - ``exp`` (required): the connection is closed with 1008 ``Token expired`` when it passes.
+- ``sub`` (required, a non-empty string): per-subject limits count by it, and a refreshed token must
+  carry the same. With ``--subjectless-tokens per-token``, a token without one is accepted and counts
+  as a subject of its own.
 - ``collections``: ``"*"``, a list of collection names (``"*"`` allowed as an element), or an object
   mapping a collection (or ``"*"``) to the operations allowed on it. A token without the claim may
   subscribe to every published collection only if the server runs with ``--unscoped-tokens all``.
@@ -11,6 +14,7 @@ Claims pgbridge reads:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,11 +22,12 @@ from typing import Any, Literal
 
 import jwt
 
-from pgbridge.config import MIN_SECRET_BYTES
+from pgbridge.config import check_secret
 from pgbridge.errors import AuthError, ConfigError
 from pgbridge.events import OPS, Op
 
 ALL_OPS: frozenset[Op] = frozenset(OPS)
+_INVALID_SUBJECT = "Token has an invalid subject: sub must be a non-empty string"
 _FAR_FUTURE = 2.0**40  # seconds since 1970, about the year 36812: an exp beyond it is treated as it
 
 
@@ -30,7 +35,11 @@ _FAR_FUTURE = 2.0**40  # seconds since 1970, about the year 36812: an exp beyond
 class Grant:
     """What one verified token allows."""
 
-    subject: str | None
+    subject: str
+    """What per-subject limits count by: the ``sub`` claim (or, for a token accepted without one, the
+    token itself)."""
+    sub: str | None
+    """The ``sub`` claim as the token carries it."""
     expires_at: float
     """When the connection must end: the token's ``exp`` plus the leeway."""
     exp: float
@@ -58,6 +67,7 @@ class TokenPolicy:
     leeway: float = 0.0
     unscoped: Literal["all", "none"] = "none"
     tenant_claim: str | None = None
+    subjectless: Literal["refuse", "per-token"] = "refuse"
 
     @classmethod
     def from_settings(
@@ -70,6 +80,7 @@ class TokenPolicy:
         leeway: float = 0.0,
         unscoped: Literal["all", "none"] = "none",
         tenant_claim: str | None = None,
+        subjectless: Literal["refuse", "per-token"] = "refuse",
     ) -> TokenPolicy:
         if public_key_pem is not None:
             from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -85,12 +96,11 @@ class TokenPolicy:
                 algorithms = ("ES256",)
             else:
                 raise ConfigError("the JWT public key must be an RSA key (RS256) or a P-256 EC key (ES256)")
-            return cls(key, algorithms, audience, issuer, leeway, unscoped, tenant_claim)
+            return cls(key, algorithms, audience, issuer, leeway, unscoped, tenant_claim, subjectless)
         if not secret:
             raise ConfigError("no JWT secret: set PGBRIDGE_JWT_SECRET or pass --jwt-secret")
-        if len(secret.encode()) < MIN_SECRET_BYTES:
-            raise ConfigError(f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes")
-        return cls(secret, ("HS256",), audience, issuer, leeway, unscoped, tenant_claim)
+        check_secret(secret)
+        return cls(secret, ("HS256",), audience, issuer, leeway, unscoped, tenant_claim, subjectless)
 
     def verify(self, token: str | None) -> Grant:
         """Check a token; raise :class:`AuthError` whose ``reason`` is the close reason to send."""
@@ -108,6 +118,8 @@ class TokenPolicy:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("Token expired") from None
+        except jwt.exceptions.InvalidSubjectError:  # PyJWT's own check of sub: not a string
+            raise AuthError(_INVALID_SUBJECT) from None
         except (jwt.InvalidTokenError, ValueError, OverflowError, TypeError):  # exp: 1e400 overflows inside PyJWT
             raise AuthError("Authentication failed") from None
         tenant = None
@@ -118,11 +130,17 @@ class TokenPolicy:
             if not isinstance(tenant, (str, int, float, bool)):
                 raise AuthError(f"Invalid {self.tenant_claim} claim: must be a string, number or boolean")
         sub = claims.get("sub")
+        if sub is None:
+            if self.subjectless == "refuse":
+                raise AuthError("Token has no subject: it needs a sub claim")
+        elif not isinstance(sub, str) or not sub.strip():
+            raise AuthError(_INVALID_SUBJECT)
         exp = claims["exp"]
         if not isinstance(exp, (int, float)) or isinstance(exp, bool):
             raise AuthError("Authentication failed")
         return Grant(
-            subject=sub if isinstance(sub, str) else None,
+            subject=sub if sub is not None else "token:" + hashlib.sha256(token.encode()).hexdigest(),
+            sub=sub,
             expires_at=min(float(min(exp, _FAR_FUTURE)) + self.leeway, _FAR_FUTURE),
             exp=float(min(exp, _FAR_FUTURE)),
             collections=self._collections(claims),

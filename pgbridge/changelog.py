@@ -294,6 +294,39 @@ async def prune(conn: asyncpg.Connection, *, max_age: float, max_transactions: i
         removed += row["total"] - row["base"]
 
 
+CAPTURE_TRIGGERS = ("pgbridge_capture_insert", "pgbridge_capture_update", "pgbridge_capture_delete",
+                    "pgbridge_capture_truncate")  # fmt: skip
+"""The triggers ``pgbridge.attach_v3`` gives a published table."""
+
+
+async def capture_problems(conn: asyncpg.Connection) -> dict[str, str]:
+    """Published collections whose table does not capture every change, and why: a capture trigger is
+    missing (dropped, renamed) or does not fire (disabled, or enabled only for replication)."""
+    rows = await conn.fetch(
+        """SELECT p.collection,
+                  array_agg(e.name ORDER BY e.name) FILTER (WHERE t.oid IS NULL) AS missing,
+                  array_agg(e.name ORDER BY e.name) FILTER (WHERE t.tgenabled NOT IN ('O', 'A')) AS disabled
+           FROM pgbridge.publications p
+           CROSS JOIN unnest($1::name[]) AS e(name)
+           LEFT JOIN pg_trigger t ON t.tgrelid = p.relid AND t.tgname = e.name
+                                 AND t.tgfoid = 'pgbridge.capture_v3()'::regprocedure
+           WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = p.relid)
+           GROUP BY p.collection
+           HAVING count(t.oid) < cardinality($1::name[]) OR bool_or(t.tgenabled NOT IN ('O', 'A'))
+           ORDER BY p.collection""",
+        list(CAPTURE_TRIGGERS),
+    )
+    problems = {}
+    for r in rows:
+        parts = []
+        if r["disabled"]:
+            parts.append(f"disabled: {', '.join(r['disabled'])}")
+        if r["missing"]:
+            parts.append(f"missing: {', '.join(r['missing'])}")
+        problems[r["collection"]] = "; ".join(parts) + " (its changes are not captured: unpublish and publish it again)"
+    return problems
+
+
 async def stats(conn: asyncpg.Connection) -> Stats:
     """What an operator watches: NOTIFY queue fill (0..1) and the change log's extent."""
     row = await conn.fetchrow(

@@ -109,6 +109,7 @@ def _policy(settings: Settings) -> TokenPolicy:
         issuer=settings.jwt_issuer,
         leeway=settings.jwt_leeway,
         unscoped=settings.unscoped_tokens,
+        subjectless=settings.subjectless_tokens,
         tenant_claim=settings.tenant_claim,
     )
 
@@ -227,7 +228,7 @@ def _cmd_migrate(args: argparse.Namespace, values: dict[str, Any]) -> None:
     async def run() -> list[str]:
         conn = await asyncpg.connect(values["dsn"])
         try:
-            return await migrate(conn)
+            return await migrate(conn, lock_timeout=values["lock_timeout"])
         finally:
             await conn.close()
 
@@ -344,10 +345,12 @@ async def _status(dsn: str | None, url: str) -> str:
                ORDER BY p.collection"""
         )
         lines.append(f"published tables: {len(rows)}")
+        problems = await changelog.capture_problems(conn)
         for r in rows:
             hidden = f", hides {', '.join(r['excluded'])}" if r["excluded"] else ""
             wake = "" if r["wake"] else ", polled (wake => false)"
-            lines.append(f"  {r['collection']}: {r['tbl']}{hidden}{wake}")
+            broken = f"\n    NOT CAPTURED: {problems[r['collection']]}" if r["collection"] in problems else ""
+            lines.append(f"  {r['collection']}: {r['tbl']}{hidden}{wake}{broken}")
         stats = await changelog.stats(conn)
         oldest = await conn.fetchval("SELECT at FROM pgbridge.ticks ORDER BY n LIMIT 1")
         lines.append(

@@ -36,6 +36,7 @@ class Settings:
     jwt_issuer: str | None = None
     jwt_leeway: float = 0.0
     unscoped_tokens: Literal["all", "none"] = "none"
+    subjectless_tokens: Literal["refuse", "per-token"] = "refuse"
     tenant_claim: str | None = None
     tenant_column: str | None = None
     heartbeat: float = 30.0
@@ -78,6 +79,8 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be zero or positive")
         if self.unscoped_tokens not in ("all", "none"):
             raise ConfigError("--unscoped-tokens must be all or none")
+        if self.subjectless_tokens not in ("refuse", "per-token"):
+            raise ConfigError("--subjectless-tokens must be refuse or per-token")
         if self.loop not in ("auto", "asyncio", "uvloop"):
             raise ConfigError("--loop must be auto, asyncio or uvloop")
         if not self.cors_origins:
@@ -95,10 +98,11 @@ _NOT_NEGATIVE = ("ping_interval", "idle_timeout", "max_connections", "jwt_leeway
 
 
 def check_secret(secret: str | None) -> None:
-    if secret is not None and len(secret.encode()) < MIN_SECRET_BYTES:
+    """Refuse an HS256 secret with fewer than 32 bytes that are not whitespace."""
+    if secret is not None and len("".join(secret.split()).encode()) < MIN_SECRET_BYTES:
         raise ConfigError(
-            f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes; generate one with "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            f"the JWT secret is too short: HS256 needs at least {MIN_SECRET_BYTES} bytes that are not whitespace; "
+            "generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
         )
 
 
@@ -165,6 +169,11 @@ SERVE = (
     _serve("jwt_issuer", str, "require this iss claim"),
     _serve("jwt_leeway", float, "seconds of clock skew tolerated on exp/nbf"),
     _serve("unscoped_tokens", str, "what a token without a collections claim may subscribe to: all or none"),
+    _serve(
+        "subjectless_tokens",
+        str,
+        "a token without a non-empty sub claim: refuse it, or accept it as a subject of its own (per-token)",
+    ),
     _serve("tenant_claim", str, "token claim holding the tenant (enables tenant isolation)"),
     _serve("tenant_column", str, "row column compared with the tenant claim"),
     _serve("heartbeat", float, "seconds between heartbeat messages"),
@@ -226,7 +235,10 @@ STATUS = (DSN, Option("url", str, "http://127.0.0.1:8000", "a running bridge, wh
 COMMANDS: Mapping[str, tuple[Option, ...]] = {
     "serve": SERVE,
     "dev": DEV,
-    "migrate": (DSN,),
+    "migrate": (
+        DSN,
+        Option("lock_timeout", float, 60.0, "seconds to wait while another session holds the migration lock"),
+    ),
     "publish": PUBLISH,
     "unpublish": (DSN,),
     "token": TOKEN,

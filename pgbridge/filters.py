@@ -30,6 +30,8 @@ from pgbridge.errors import ProtocolError
 OPERATORS = ("eq", "neq", "lt", "lte", "gt", "gte", "in")
 MAX_CONDITIONS = 32
 MAX_IN_VALUES = 100
+MAX_DEPTH = 3
+"""A filter is at most ``{column: {operator: [values]}}`` deep."""
 
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}(:?\d{2})?)?", re.ASCII)
 _MISSING = object()
@@ -194,7 +196,21 @@ def compile_filter(spec: object) -> RowFilter:
         return MATCH_ALL
     if not isinstance(spec, dict):
         raise ProtocolError("Invalid filter: must be an object mapping column names to conditions")
+    if _depth(spec, MAX_DEPTH) > MAX_DEPTH:  # before anything recurses into it
+        raise ProtocolError(
+            f"Invalid filter: nested too deep (at most {MAX_DEPTH} levels: {{column: {{operator: [values]}}}})"
+        )
     return _compiled(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS))
+
+
+def _depth(value: dict[str, Any], limit: int) -> int:
+    """How deep ``value`` nests, counted no further than one past ``limit`` (without recursion)."""
+    depth = 0
+    level: list[Any] = [value]
+    while level and depth <= limit:
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, dict | list)]
+    return depth
 
 
 @functools.lru_cache(maxsize=4096)

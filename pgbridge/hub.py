@@ -54,11 +54,13 @@ class Bridge:
     listener: Listener = field(init=False)
     sessions: set[Session] = field(default_factory=set)
     handshakes: int = 0
-    per_subject: Counter[str | None] = field(default_factory=Counter)
-    cost_per_subject: Counter[str | None] = field(default_factory=Counter)
+    per_subject: Counter[str] = field(default_factory=Counter)
+    cost_per_subject: Counter[str] = field(default_factory=Counter)
     feeds: set[Feed] = field(default_factory=set)
     publications: frozenset[str] | None = None
     stats: changelog.Stats | None = None
+    capture_problems: dict[str, str] = field(default_factory=dict)
+    """Published collections whose capture does not fire, and why (see :func:`changelog.capture_problems`)."""
     pool: asyncpg.Pool | None = None
     replay_slots: asyncio.Semaphore = field(init=False)
     snapshot_slots: asyncio.Semaphore = field(init=False)
@@ -365,7 +367,7 @@ async def _watchdog(bridge: Bridge) -> None:
 
 
 async def _maintenance(bridge: Bridge) -> None:
-    """Watch the change log; prune it (one replica at a time)."""
+    """Watch the change log and the publications' capture; prune the log (one replica at a time)."""
     s = bridge.settings
     next_prune = 0.0
     while True:
@@ -373,6 +375,11 @@ async def _maintenance(bridge: Bridge) -> None:
             with database.errors():
                 async with bridge._pool().acquire() as conn:
                     bridge.stats = await changelog.stats(conn)
+                    problems = await changelog.capture_problems(conn)
+                    for collection in problems.keys() - bridge.capture_problems.keys():
+                        log.error("the table of collection %s does not capture its changes: %s", collection,
+                                  problems[collection], extra={"collection": collection})  # fmt: skip
+                    bridge.capture_problems = problems
                     if time.monotonic() >= next_prune:
                         removed = await changelog.prune(
                             conn, max_age=s.retention_age, max_transactions=s.retention_transactions

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -36,12 +38,13 @@ def migrations() -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: asyncpg.Connection, *, lock_timeout: float = 60.0) -> list[str]:
     """Apply the migrations this database lacks, under an advisory lock; return their names.
 
     Each file records itself in ``pgbridge.migrations``, so files applied by hand with psql count too.
+    While another session holds the lock, it waits up to ``lock_timeout`` seconds, saying who holds it.
     """
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATE_LOCK)
+    await _lock(conn, lock_timeout)
     try:
         exists = await conn.fetchval("SELECT to_regclass('pgbridge.migrations') IS NOT NULL")
         done = {r["version"] for r in await conn.fetch("SELECT version FROM pgbridge.migrations")} if exists else set()
@@ -60,3 +63,36 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         if conn.is_in_transaction():  # a file failed inside its BEGIN ... COMMIT: end it, keep its error
             await conn.execute("ROLLBACK")
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATE_LOCK)
+
+
+async def _lock(conn: asyncpg.Connection, patience: float) -> None:
+    deadline = time.monotonic() + patience
+    said = False
+    while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MIGRATE_LOCK):
+        holder = await _holder(conn)
+        if time.monotonic() >= deadline:
+            raise MigrationError(
+                f"another session holds pgbridge's migration lock: {holder}. End it (SELECT pg_terminate_backend(pid)) "
+                f"or let it finish, then run `pgbridge migrate` again (waited {patience:g}s; --lock-timeout)"
+            )
+        if not said:
+            log.warning("waiting up to %gs for pgbridge's migration lock, held by %s", patience, holder)
+            said = True
+        await asyncio.sleep(0.2)
+
+
+async def _holder(conn: asyncpg.Connection) -> str:
+    """Who holds the migration lock, as a DBA finds them in pg_stat_activity."""
+    row = await conn.fetchrow(
+        """SELECT l.pid, a.usename, a.application_name, a.state, a.state_change
+           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::bigint::oid
+             AND l.objid = $2::bigint::oid AND l.objsubid = 1""",
+        _MIGRATE_LOCK >> 32,
+        _MIGRATE_LOCK & 0xFFFFFFFF,
+    )
+    if row is None:
+        return "a session that has since let go"
+    since = f" since {row['state_change']:%Y-%m-%d %H:%M:%S %Z}" if row["state_change"] else ""
+    return (f"pid {row['pid']} (role {row['usename'] or '?'}, application {row['application_name'] or '?'}, "
+            f"{row['state'] or 'state unknown'}{since})")  # fmt: skip

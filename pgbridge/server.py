@@ -38,8 +38,10 @@ async def healthz(request: web.Request) -> web.Response:
     listener = bridge.listener
     failed = {name: error for name, (error, when) in bridge.task_failures.items() if time.monotonic() - when < 300}
     crowded = listener.queue_usage >= bridge.settings.queue_warning
+    uncaptured = len(bridge.capture_problems)
+    degraded = failed or crowded or uncaptured
     body: dict[str, object] = {
-        "status": "unavailable" if not listener.connected else "degraded" if failed or crowded else "ok",
+        "status": "unavailable" if not listener.connected else "degraded" if degraded else "ok",
         "database": "connected" if listener.connected else "unavailable (the bridge's log says why)",
         "clients": len(bridge.sessions),
         "changes_delivered": listener.delivered,
@@ -60,6 +62,8 @@ async def healthz(request: web.Request) -> web.Response:
     if bridge.stats is not None:
         body["changelog_transactions"] = bridge.stats.changelog_transactions
         body["changelog_bytes"] = bridge.stats.changelog_bytes
+    if uncaptured:  # which ones is for `pgbridge status` and the log: this endpoint names no collection
+        body["publications_not_captured"] = uncaptured
     if failed:
         body["failed_tasks"] = failed  # in the last five minutes
     return web.json_response(body, status=200 if listener.connected else 503)
@@ -103,6 +107,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     if bridge.stats is not None:
         out.gauge("changelog_transactions", "transactions in the change log", bridge.stats.changelog_transactions)
         out.gauge("changelog_bytes", "size of the change log on disk", bridge.stats.changelog_bytes)
+    broken = {name: int(name in bridge.capture_problems) for name in bridge.publications or ()}
+    out.labelled("capture_broken", "gauge", "1 for a published table whose capture triggers are disabled or missing",
+                 "collection", broken)  # fmt: skip
     out.labelled("task_failures_total", "counter", "failures of the bridge's side tasks (each is restarted)", "task",
                  {name: bridge.task_failure_count[name] for name in SIDE_TASKS})  # fmt: skip
     out.histogram("delivery_latency_seconds", "from a change's statement time in the database to its sending",

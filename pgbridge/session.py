@@ -14,6 +14,7 @@ the pace the client reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -324,7 +325,7 @@ class Session:
         bridge = self.bridge
         try:
             grant = bridge.tokens.verify(token)
-            if grant.subject != self.grant.subject:
+            if grant.sub != self.grant.sub:
                 raise AuthError("The new token is for another subject (sub); connect again to change it")
             if tenant_key(grant.tenant) != tenant_key(self.grant.tenant):
                 raise AuthError(f"The new token is for another tenant ({bridge.tokens.tenant_claim})")
@@ -333,7 +334,7 @@ class Session:
             self.send(protocol.error(f"Refresh refused: {exc.reason}; the current token stands", action="refresh"))
             return
         bridge.refreshes["accepted"] += 1
-        self.grant = grant
+        self.grant = dataclasses.replace(grant, subject=self.grant.subject)  # limits keep counting it as before
         for name, sub in list(bridge.router.subscriptions(self).items()):
             allowed = grant.allowed(name)
             if not sub.operations <= allowed:

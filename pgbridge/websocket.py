@@ -100,10 +100,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     bridge.handshakes += 1
     try:
         await ws.prepare(request)
-    except (ConnectionError, asyncio.CancelledError):
+    except ConnectionError:
         if _left_log():
             log.debug("a client left during its WebSocket upgrade (reported once a minute)")
-        return ws
+        # Not the half-prepared WebSocket, which aiohttp would try to close with a traceback each time:
+        # a response it fails to write to a closed connection, and drops quietly.
+        return web.Response(status=400)
     finally:
         bridge.handshakes -= 1
     _require_masking(request, ws)

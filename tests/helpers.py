@@ -138,6 +138,7 @@ async def serve_bridge(dsn: str, *, wait: bool = True, **overrides: Any) -> Runn
     policy = policy or TokenPolicy.from_settings(
         secret=SECRET,
         unscoped=settings.unscoped_tokens,
+        subjectless=settings.subjectless_tokens,
         tenant_claim=settings.tenant_claim,
         leeway=settings.jwt_leeway,
     )

@@ -17,11 +17,13 @@ from pgbridge import changelog
 from pgbridge.auth import TokenPolicy
 from pgbridge.events import event_id
 from tests.helpers import (
+    SECRET,
     Ledger,
     RunningBridge,
     assert_silent,
     close_frame,
     collect,
+    fresh_name,
     recv,
     send,
     subscribe,
@@ -190,6 +192,47 @@ async def test_bearer_subprotocol_carries_the_token(bridge: RunningBridge) -> No
         assert (await close_frame(ws))[1] == "Authentication failed"
 
 
+def _claims(**claims: Any) -> str:
+    now = int(time.time())
+    return jwt.encode({"iat": now, "exp": now + 600, "collections": "*", **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({}, "Token has no subject: it needs a sub claim"),
+        ({"sub": ""}, "Token has an invalid subject: sub must be a non-empty string"),
+        ({"sub": "  "}, "Token has an invalid subject: sub must be a non-empty string"),
+        ({"sub": 42}, "Token has an invalid subject: sub must be a non-empty string"),
+    ],
+)
+async def test_tokens_must_name_their_subject(bridge: RunningBridge, claims: dict[str, Any], reason: str) -> None:
+    async with bridge.connect(_claims(**claims)) as ws:
+        assert await close_frame(ws) == (1008, reason)
+
+
+async def test_tokens_without_a_subject_can_each_count_as_one(dsn: str, posts: str, start_bridge: Bridges) -> None:
+    """Once they shared one bucket: a hundred connections of one such token locked out every other."""
+    running = await start_bridge(dsn, subjectless_tokens="per-token", max_connections_per_subject=1)
+    first, second = _claims(jti="a"), _claims(jti="b")
+    async with running.connect(first) as one, running.connect(second) as two:
+        await subscribe(one, "posts")
+        await subscribe(two, "posts")
+        async with running.connect(first) as again:
+            assert await close_frame(again) == (1008, "Too many connections for this token")
+    async with running.connect(_claims(sub="")) as blank:  # blank is not absent: still refused
+        assert await close_frame(blank) == (1008, "Token has an invalid subject: sub must be a non-empty string")
+
+
+async def test_the_query_and_the_subprotocol_must_carry_the_same_token(bridge: RunningBridge) -> None:
+    mine, other = token(), token(sub="someone else")
+    async with websockets.connect(bridge.url(mine), subprotocols=["bearer", other]) as ws:  # type: ignore[list-item]
+        assert await close_frame(ws) == (1008, "Conflicting tokens: the query and the subprotocol carry different ones")
+    async with websockets.connect(bridge.url(mine), subprotocols=["bearer", mine]) as ws:  # type: ignore[list-item]
+        await subscribe(ws, "posts")
+    assert bridge.bridge.closed["Conflicting tokens"] == 1
+
+
 def _pem(key: Any) -> bytes:
     public = key.public_key()
     pem: bytes = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -261,7 +304,7 @@ async def test_a_token_expired_within_the_leeway_is_closed_once_the_leeway_passe
 
 async def test_only_pgbridge_can_attach_its_capture_to_a_table(dsn: str, db: asyncpg.Connection) -> None:
     """A role that owns a table cannot attach pgbridge's capture to it to forge changes of a collection."""
-    role = f"owner_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    role = fresh_name("owner")  # roles are the cluster's: one name per test
     await db.execute(f"CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}")
     owner = await asyncpg.connect(dsn.replace("postgres:@", f"{role}:@"))
     try:
@@ -283,7 +326,7 @@ async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
 ) -> None:
     """A role that may write to a published table but not read it: LISTEN gives it nothing, and nothing it
     sends or holds changes what a subscriber receives."""
-    role = f"mallory_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    role = fresh_name("mallory")  # roles are the cluster's: one name per test
     await db.execute(f"CREATE ROLE {role} LOGIN; GRANT INSERT, UPDATE ON posts TO {role}; "
                      f"GRANT USAGE ON SEQUENCE posts_id_seq TO {role}")  # fmt: skip
     running = await start_bridge(dsn, probe_interval=0.5)
@@ -339,7 +382,7 @@ async def test_an_untrusted_role_cannot_read_forge_replay_or_stall_changes(
 async def test_a_bridge_can_run_as_a_role_of_its_own(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
-    role = f"bridge_{dsn.rsplit('/', 1)[1].split('?')[0]}"
+    role = fresh_name("bridge")  # roles are the cluster's: one name per test
     await db.execute(f"CREATE ROLE {role} LOGIN; SELECT pgbridge.grant_bridge('{role}')")
     as_role = dsn.replace("postgres:@", f"{role}:@")
     running = await start_bridge(as_role)

@@ -8,15 +8,16 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgbridge import changelog
+from pgbridge import changelog, cli
 from pgbridge.events import MAX_ID, Change
-from tests.helpers import RunningBridge, assert_silent, collect, recv, subscribe, until_quiet, wait_for
+from tests.helpers import RunningBridge, assert_silent, collect, fresh_name, recv, subscribe, until_quiet, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -294,3 +295,53 @@ async def test_tables_published_without_wake_ups_are_polled(
         await db.execute("INSERT INTO quiet SELECT generate_series(1, 3)")
         assert [e["data"]["id"] for e in await until_quiet(ws, 0.5)] == [1, 2, 3]
     assert heard == []  # the writer sent no NOTIFY, so it took no database-wide lock
+
+
+async def test_capture_a_table_owner_switches_off_is_reported(
+    dsn: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    """A table's owner may disable or drop its capture triggers; pgbridge cannot stop that, but says so:
+    in `pgbridge status`, /healthz (degraded, naming no collection) and /metrics."""
+    role = fresh_name("owner")  # roles are the cluster's: one name per test
+    await db.execute(f"CREATE ROLE {role} LOGIN; GRANT CREATE ON SCHEMA public TO {role}")
+    owner = await asyncpg.connect(dsn.replace("postgres:@", f"{role}:@"))
+    try:
+        await owner.execute("CREATE TABLE docs (id int); CREATE TABLE notes (id int)")
+        await db.execute("SELECT pgbridge.publish('docs'), pgbridge.publish('notes')")
+        running = await start_bridge(dsn, stats_interval=0.05)
+        health = f"http://127.0.0.1:{running.port}/healthz"
+
+        async def state() -> tuple[str, Any, str]:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(health) as resp:
+                    body = await resp.json()
+                async with http.get(f"http://127.0.0.1:{running.port}/metrics") as resp:
+                    metrics = await resp.text()
+            return body["status"], body.get("publications_not_captured"), metrics
+
+        await wait_for(lambda: running.bridge.stats is not None, what="the first maintenance round")
+        status, uncaptured, metrics = await state()
+        assert (status, uncaptured) == ("ok", None) and 'pgbridge_capture_broken{collection="docs"} 0' in metrics
+        await owner.execute("ALTER TABLE docs DISABLE TRIGGER pgbridge_capture_insert")
+        await wait_for(lambda: "docs" in running.bridge.capture_problems, what="the disabled trigger to be seen")
+        status, uncaptured, metrics = await state()
+        assert (status, uncaptured) == ("degraded", 1)
+        assert 'pgbridge_capture_broken{collection="docs"} 1' in metrics
+        assert 'pgbridge_capture_broken{collection="notes"} 0' in metrics
+        await owner.execute("DROP TRIGGER pgbridge_capture_delete ON docs; ALTER TABLE notes DISABLE TRIGGER ALL")
+        await wait_for(lambda: len(running.bridge.capture_problems) == 2, what="both tables to be reported")
+        report = await cli._status(dsn, f"http://127.0.0.1:{running.port}")
+        assert (
+            "  docs: public.docs\n    NOT CAPTURED: disabled: pgbridge_capture_insert; missing: "
+            "pgbridge_capture_delete (its changes are not captured: unpublish and publish it again)" in report
+        ), report
+        assert (
+            "  notes: public.notes\n    NOT CAPTURED: disabled: pgbridge_capture_delete, pgbridge_capture_insert, "
+            "pgbridge_capture_truncate, pgbridge_capture_update (" in report
+        ), report
+        await db.execute("SELECT pgbridge.unpublish('docs'), pgbridge.publish('docs')")
+        await owner.execute("ALTER TABLE notes ENABLE TRIGGER ALL")
+        await wait_for(lambda: not running.bridge.capture_problems, what="capture to be whole again")
+        assert (await state())[:2] == ("ok", None)
+    finally:
+        await owner.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -148,6 +149,30 @@ async def test_bad_messages_get_an_error_and_the_connection_stays(
         await subscribe(ws, "posts")
         await db.execute("INSERT INTO posts (title) VALUES ('after')")
         assert (await recv(ws))["data"]["title"] == "after"
+
+
+@pytest.mark.parametrize("depth", [4, 500, 5000])
+async def test_a_filter_nested_too_deep_gets_an_error_not_a_1011(
+    bridge: RunningBridge, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture, depth: int
+) -> None:
+    """A filter 500 deep once closed the connection with 1011, logging orjson's traceback each time."""
+    nested = "1"
+    for _ in range(depth - 1):
+        nested = '{"a": ' + nested + "}"
+    async with bridge.connect() as ws:
+        await ws.send('{"action": "subscribe", "collection": "posts", "filter": {"author_id": ' + nested + "}}")
+        if depth > 1000:  # deeper than the JSON parser goes: not a message at all
+            assert await recv(ws) == {"error": "Invalid JSON"}
+        else:
+            assert await recv(ws) == {
+                "error": "Invalid filter: nested too deep (at most 3 levels: {column: {operator: [values]}})",
+                "action": "subscribe",
+                "collection": "posts",
+            }
+        await subscribe(ws, "posts", filter={"author_id": {"in": [1, 2]}})  # three levels: fine
+        await db.execute("INSERT INTO posts (title, author_id) VALUES ('after', 2)")
+        assert (await recv(ws))["data"]["title"] == "after"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_binary_frames_are_refused(bridge: RunningBridge) -> None:

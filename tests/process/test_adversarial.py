@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import resource
+import socket
 import struct
 import subprocess
 import sys
@@ -315,6 +316,34 @@ def _hs256(payload: str) -> str:
 
     signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload.encode())
     return (signing_input + b"." + b64(hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest())).decode()
+
+
+async def test_handshakes_reset_before_the_reply_are_not_worth_a_traceback(
+    bridge: RunningBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 of them once wrote 4,500 lines of aiohttp's `RuntimeError: Call .prepare() first`."""
+    caplog.set_level(logging.DEBUG)
+    tok = token()
+    request = (
+        f"GET /api/v1/realtime/ws?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+    async def reset() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+        writer.write(request)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, before the server can answer
+
+    await asyncio.gather(*(reset() for _ in range(300)))
+    await wait_for(lambda: bridge.bridge.handshakes == 0 and not bridge.bridge.sessions, what="the handshakes to end")
+    async with bridge.connect() as ws:  # the server is fine
+        await subscribe(ws, "posts")
+    noisy = [r for r in caplog.records if r.name.startswith(("aiohttp", "pgbridge")) and r.levelno >= logging.INFO]
+    assert noisy == []
+    about = [r for r in caplog.records if "during its WebSocket upgrade" in r.getMessage()]
+    assert len(about) <= 1  # at most one line a minute, at DEBUG
+    assert not any(r.exc_info for r in caplog.records)
 
 
 async def test_unmasked_client_frames_close_with_1002(bridge: RunningBridge) -> None:

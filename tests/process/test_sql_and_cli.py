@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -146,10 +147,29 @@ def test_settings_come_from_flags_then_environment() -> None:
     assert bad.returncode == 2 and "PGBRIDGE_PORT='eighty' is not a valid int" in bad.stderr
 
 
-@pytest.mark.parametrize("secret", [" ", "s", "x" * 31])
+@pytest.mark.parametrize("secret", [" ", "s", "x" * 31, " " * 32, "x" * 31 + " " * 8, "\t" * 40 + "x"])
 def test_short_secrets_are_refused(secret: str) -> None:
     done = pgbridge("serve", "--dsn", "postgresql://nowhere/x", env={"PGBRIDGE_JWT_SECRET": secret})
     assert done.returncode == 2 and "the JWT secret is too short: HS256 needs at least 32 bytes" in done.stderr
+
+
+async def test_migrate_waits_for_its_lock_and_names_who_holds_it(empty_dsn: str) -> None:
+    holder = await asyncpg.connect(empty_dsn, server_settings={"application_name": "the-blocker"})
+    try:
+        await holder.execute("SELECT pg_advisory_lock(7316021946250125311)")  # any role can take it
+        pid = await holder.fetchval("SELECT pg_backend_pid()")
+        started = time.monotonic()
+        done = await asyncio.to_thread(pgbridge, "migrate", "--dsn", empty_dsn, "--lock-timeout", "1")
+        waited = time.monotonic() - started
+        assert done.returncode == 2, done.stderr
+        assert f"waiting up to 1s for pgbridge's migration lock, held by pid {pid} (role postgres, " in done.stderr
+        assert "application the-blocker, idle since " in done.stderr
+        assert f"another session holds pgbridge's migration lock: pid {pid}" in done.stderr
+        assert "SELECT pg_terminate_backend(pid)" in done.stderr and 1 <= waited < 10
+        await holder.execute("SELECT pg_advisory_unlock(7316021946250125311)")
+        assert (await asyncio.to_thread(pgbridge, "migrate", "--dsn", empty_dsn)).returncode == 0
+    finally:
+        await holder.close()
 
 
 def test_the_secret_can_come_from_a_file(tmp_path: Path) -> None:
