@@ -93,18 +93,18 @@ class Exposition:
         self._lines.append(f"{full}{_labels(labels or {})} {_number(value)}")
 
     def counter(self, name: str, help: str, value: float) -> None:
-        """A counter named ``name`` (which must end in ``_total``, as Prometheus names counters)."""
+        """A counter named ``name``, which ends in ``_total`` as Prometheus names counters. In the text
+        format 0.0.4, its HELP and TYPE lines name the sample itself, ``_total`` included."""
         assert name.endswith("_total"), name
-        full = self._family(name[: -len("_total")], "counter", help)
-        self._lines.append(f"{full}_total {_number(value)}")
+        full = self._family(name, "counter", help)
+        self._lines.append(f"{full} {_number(value)}")
 
     def labelled(self, name: str, kind: str, help: str, label: str, values: Mapping[str, float]) -> None:
         """One family with a sample per value of ``label`` (a counter's name ends in ``_total``)."""
-        base = name[: -len("_total")] if kind == "counter" else name
-        full = self._family(base, kind, help)
-        suffix = "_total" if kind == "counter" else ""
+        assert kind != "counter" or name.endswith("_total"), name
+        full = self._family(name, kind, help)
         for key in sorted(values):
-            self._lines.append(f"{full}{suffix}{_labels({label: key})} {_number(values[key])}")
+            self._lines.append(f"{full}{_labels({label: key})} {_number(values[key])}")
 
     def histogram(self, name: str, help: str, histogram: Histogram) -> None:
         full = self._family(name, "histogram", help)

@@ -3,6 +3,8 @@ parser: histograms, escaped labels, and rates."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -10,9 +12,14 @@ from pgbridge.metrics import Exposition, Histogram, Rate
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample, keyed by name and sorted labels; parsing fails on anything Prometheus would refuse."""
+    """Every sample, keyed by name and sorted labels; parsing fails on anything Prometheus would refuse,
+    and on a family that the parser reads as another type than the page declares (a counter whose TYPE
+    line names the family without ``_total`` is read as an untyped family of its samples)."""
+    declared = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
     found = {}
     for family in text_string_to_metric_families(text):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        assert declared.get(name) == family.type, f"{family.name}: parsed as {family.type}, declared {declared}"
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found
@@ -32,6 +39,7 @@ def test_histogram_buckets_are_cumulative_and_labels_escaped() -> None:
     assert found[("pgbridge_wait_seconds_sum", ())] == pytest.approx(7.65)
     assert found[("pgbridge_things", (("name", 'a"b\\c\nd'),))] == 1.5
     assert found[("pgbridge_events_total", ())] == 12
+    assert "# TYPE pgbridge_events_total counter\n" in out.text()  # the sample's own name, as 0.0.4 wants
 
 
 def test_a_rate_averages_the_last_whole_seconds() -> None:
