@@ -17,6 +17,7 @@ from datetime import datetime
 
 import asyncpg
 
+from pgbridge.database import MIGRATE
 from pgbridge.errors import DecodeError, Pruned, SchemaError
 from pgbridge.events import MAX_ID, Change, make_change
 
@@ -33,7 +34,8 @@ the bridge polls."""
 PAGE = 1000
 """At most this many change-log entries per read..."""
 PAGE_BYTES = 4 << 20
-"""...and about this many bytes of rows (past them, one more entry: each holds at most about 1 MB)."""
+"""...and about this many bytes of rows (past them, one more entry: each holds at most about
+:data:`~pgbridge.events.CHUNK_BYTES`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,21 +45,33 @@ class Stats:
     changelog_bytes: int
     oldest_tick: int
     newest_tick: int
+    oldest_at: datetime
+    """When the oldest tick the log holds was taken."""
 
 
-async def check_schema(conn: asyncpg.Connection) -> None:
-    """Refuse, saying what to do, when the database's pgbridge schema is not one this bridge reads."""
+@dataclass(frozen=True, slots=True)
+class Publication:
+    table: str
+    """Schema-qualified, quoted as SQL needs it."""
+    collection: str
+    excluded: list[str]
+    wake: bool
+
+
+async def check_schema(conn: asyncpg.Connection) -> int:
+    """The database's pgbridge schema version; refuse, saying what to do, when it is not one this bridge
+    reads."""
     row = await conn.fetchrow(
         """SELECT to_regclass('pgbridge.migrations') IS NOT NULL AS installed,
                   to_regprocedure('pgbridge.log_format()') IS NOT NULL AS versioned"""
     )
     if not row["installed"]:
-        raise SchemaError("the pgbridge schema is missing: run `pgbridge migrate` (or apply sql/*.sql with psql)")
+        raise SchemaError(f"the pgbridge schema is missing: {MIGRATE}")
     version = await conn.fetchval("SELECT max(version) FROM pgbridge.migrations")
     if version < SCHEMA_VERSION or not row["versioned"]:
         raise SchemaError(
             f"the database has pgbridge schema version {version}, older than this bridge needs "
-            f"({SCHEMA_VERSION}): run `pgbridge migrate`"
+            f"({SCHEMA_VERSION}): {MIGRATE}"
         )
     log_format = await conn.fetchval("SELECT pgbridge.log_format()")
     if log_format != LOG_FORMAT:
@@ -65,6 +79,7 @@ async def check_schema(conn: asyncpg.Connection) -> None:
             f"the database has pgbridge schema version {version}, whose change log (format {log_format}) "
             f"this bridge cannot read (format {LOG_FORMAT}): upgrade pgbridge"
         )
+    return int(version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +256,34 @@ async def locate(conn: asyncpg.Connection, change_id: int) -> int | None:
     return found
 
 
+async def published_tables(conn: asyncpg.Connection) -> list[Publication]:
+    """Every publication whose table still exists, by collection."""
+    rows = await conn.fetch(
+        """SELECT format('%I.%I', n.nspname, c.relname) AS tbl, p.collection, p.excluded, p.wake
+           FROM pgbridge.publications p JOIN pg_class c ON c.oid = p.relid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           ORDER BY p.collection"""
+    )
+    return [Publication(r["tbl"], r["collection"], list(r["excluded"]), r["wake"]) for r in rows]
+
+
+async def publish(
+    conn: asyncpg.Connection, table: str, *, exclude: list[str] | None = None, collection: str | None = None,
+    wake: bool = True,
+) -> str:  # fmt: skip
+    """Publish ``table`` (see ``pgbridge.publish`` in ``sql/``); return its collection."""
+    found: str = await conn.fetchval(
+        "SELECT pgbridge.publish($1::text::regclass, $2::text[], $3, $4)", table, exclude or [], collection, wake
+    )
+    return found
+
+
+async def unpublish(conn: asyncpg.Connection, table: str) -> str:
+    """Stop publishing ``table``; return the collection it was."""
+    found: str = await conn.fetchval("SELECT pgbridge.unpublish($1::text::regclass)", table)
+    return found
+
+
 async def publications(conn: asyncpg.Connection) -> frozenset[str]:
     """The published collections (of tables that still exist)."""
     rows = await conn.fetch(
@@ -331,8 +374,8 @@ async def stats(conn: asyncpg.Connection) -> Stats:
     """What an operator watches: NOTIFY queue fill (0..1) and the change log's extent."""
     row = await conn.fetchrow(
         """SELECT pg_notification_queue_usage() AS queue,
-                  max(total) - min(total) AS transactions, min(n) AS oldest, max(n) AS newest,
+                  max(total) - min(total) AS transactions, min(n) AS oldest, max(n) AS newest, min(at) AS oldest_at,
                   pg_total_relation_size('pgbridge.changes') + pg_total_relation_size('pgbridge.ticks') AS bytes
            FROM pgbridge.ticks"""
     )
-    return Stats(row["queue"], row["transactions"], row["bytes"], row["oldest"], row["newest"])
+    return Stats(row["queue"], row["transactions"], row["bytes"], row["oldest"], row["newest"], row["oldest_at"])

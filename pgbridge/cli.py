@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from pgbridge import __version__, changelog, config, logs
+from pgbridge import __version__, changelog, config, database, logs
 from pgbridge.auth import TokenPolicy, mint
 from pgbridge.config import Settings
-from pgbridge.errors import ConfigError, PgBridgeError
+from pgbridge.errors import ConfigError, DatabaseUnavailable, PgBridgeError
 from pgbridge.migrate import migrate
 from pgbridge.protocol import WS_PATH
 from pgbridge.server import create_app, runner
@@ -70,23 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging_values = config.resolve(args, config.LOGGING)
         logs.configure(logging_values["log_level"], logging_values["log_format"])
         values = config.resolve(args, config.COMMANDS[args.command])
-        return int(_COMMANDS[args.command](args, values) or 0)
-    except PgBridgeError as exc:
+        with database.errors():
+            return int(_COMMANDS[args.command](args, values) or 0)
+    except DatabaseUnavailable as exc:  # PostgreSQL could not be reached, or refused
+        print(f"pgbridge: error: {exc}", file=sys.stderr)
+        return 1
+    except PgBridgeError as exc:  # a setting, the schema, a migration
         print(f"pgbridge: error: {exc}", file=sys.stderr)
         return 2
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        print(f"pgbridge: error: {_explain(exc)}", file=sys.stderr)
-        return 1
-
-
-def _explain(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, asyncpg.PostgresError):
-        hint = getattr(exc, "hint", None)
-        if isinstance(exc, asyncpg.UndefinedFunctionError | asyncpg.InvalidSchemaNameError) and "pgbridge" in text:
-            hint = "the pgbridge schema is missing: run `pgbridge migrate` first"
-        return f"{text}" + (f" ({hint})" if hint else "")
-    return f"cannot reach PostgreSQL: {text} (set --dsn or DATABASE_URL)"
 
 
 def _policy(settings: Settings) -> TokenPolicy:
@@ -120,9 +111,10 @@ async def _check_schema(dsn: str | None) -> None:
     A database that cannot be reached yet is not refused: the bridge waits for it.
     """
     try:
-        conn = await asyncpg.connect(dsn, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        log.warning("cannot reach PostgreSQL yet (%s); serving, and connecting when it is up", exc)
+        with database.errors():
+            conn = await asyncpg.connect(dsn, timeout=10)
+    except DatabaseUnavailable as exc:
+        log.warning("%s; serving, and connecting when it is up", exc)
         return
     try:
         await changelog.check_schema(conn)
@@ -216,10 +208,10 @@ def _workers(count: int) -> None:
         time.sleep(0.2)
 
 
-async def _fetchval(dsn: str | None, sql: str, *params: Any) -> Any:
+async def _with_connection(dsn: str | None, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval(sql, *params)
+        return await work(conn)
     finally:
         await conn.close()
 
@@ -237,21 +229,14 @@ def _cmd_migrate(args: argparse.Namespace, values: dict[str, Any]) -> None:
 
 
 def _cmd_publish(args: argparse.Namespace, values: dict[str, Any]) -> None:
-    collection = asyncio.run(
-        _fetchval(
-            values["dsn"],
-            "SELECT pgbridge.publish($1::text::regclass, $2::text[], $3, $4)",
-            args.table,
-            values["exclude"],
-            values["collection"],
-            values["wake"],
-        )
-    )
+    collection = asyncio.run(_with_connection(values["dsn"], lambda conn: changelog.publish(
+        conn, args.table, exclude=values["exclude"], collection=values["collection"], wake=values["wake"]
+    )))  # fmt: skip
     print(f"published {args.table} as collection {collection!r}")
 
 
 def _cmd_unpublish(args: argparse.Namespace, values: dict[str, Any]) -> None:
-    collection = asyncio.run(_fetchval(values["dsn"], "SELECT pgbridge.unpublish($1::text::regclass)", args.table))
+    collection = asyncio.run(_with_connection(values["dsn"], lambda conn: changelog.unpublish(conn, args.table)))
     print(f"unpublished {args.table} (collection {collection!r})")
 
 
@@ -301,8 +286,8 @@ def _cmd_dev(args: argparse.Namespace, values: dict[str, Any]) -> None:
         try:
             await migrate(conn)
             await conn.execute(DEMO_TABLE)
-            if not await conn.fetchval("SELECT 1 FROM pgbridge.publications WHERE relid = 'public.posts'::regclass"):
-                await conn.execute("SELECT pgbridge.publish('public.posts')")
+            if "posts" not in await changelog.publications(conn):
+                await changelog.publish(conn, "public.posts")
         finally:
             await conn.close()
 
@@ -335,27 +320,20 @@ async def _status(dsn: str | None, url: str) -> str:
     lines = []
     conn = await asyncpg.connect(dsn)
     try:
-        await changelog.check_schema(conn)
-        version = await conn.fetchval("SELECT max(version) FROM pgbridge.migrations")
+        version = await changelog.check_schema(conn)
         lines.append(f"schema version {version}")
-        rows = await conn.fetch(
-            """SELECT format('%I.%I', n.nspname, c.relname) AS tbl, p.collection, p.excluded, p.wake
-               FROM pgbridge.publications p JOIN pg_class c ON c.oid = p.relid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               ORDER BY p.collection"""
-        )
-        lines.append(f"published tables: {len(rows)}")
+        tables = await changelog.published_tables(conn)
+        lines.append(f"published tables: {len(tables)}")
         problems = await changelog.capture_problems(conn)
-        for r in rows:
-            hidden = f", hides {', '.join(r['excluded'])}" if r["excluded"] else ""
-            wake = "" if r["wake"] else ", polled (wake => false)"
-            broken = f"\n    NOT CAPTURED: {problems[r['collection']]}" if r["collection"] in problems else ""
-            lines.append(f"  {r['collection']}: {r['tbl']}{hidden}{wake}{broken}")
+        for t in tables:
+            hidden = f", hides {', '.join(t.excluded)}" if t.excluded else ""
+            wake = "" if t.wake else ", polled (wake => false)"
+            broken = f"\n    NOT CAPTURED: {problems[t.collection]}" if t.collection in problems else ""
+            lines.append(f"  {t.collection}: {t.table}{hidden}{wake}{broken}")
         stats = await changelog.stats(conn)
-        oldest = await conn.fetchval("SELECT at FROM pgbridge.ticks ORDER BY n LIMIT 1")
         lines.append(
             f"change log: {stats.changelog_transactions} transactions, {stats.changelog_bytes / 2**20:.1f} MiB, "
-            f"ticks {stats.oldest_tick} to {stats.newest_tick}, oldest from {oldest:%Y-%m-%d %H:%M:%S %Z}"
+            f"ticks {stats.oldest_tick} to {stats.newest_tick}, oldest from {stats.oldest_at:%Y-%m-%d %H:%M:%S %Z}"
         )
         lines.append(f"NOTIFY queue: {100 * stats.notification_queue_usage:.1f}% full")
     finally:

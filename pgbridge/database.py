@@ -2,9 +2,9 @@
 
 Everything that talks to PostgreSQL (the listener, the server's pool, the commands) lets asyncpg's
 errors through this boundary: :func:`errors` re-raises them as :class:`~pgbridge.errors.SchemaError`
-(the schema is missing, old, or the role lacks its grants) or
-:class:`~pgbridge.errors.DatabaseUnavailable` (anything else: down, unreachable, refusing), with a
-message that says what went wrong and what to do.
+(pgbridge's schema is missing, old, or closed to the role) or
+:class:`~pgbridge.errors.DatabaseUnavailable` (anything else: down, unreachable, refusing a statement),
+with a message that says what went wrong and what to do.
 """
 
 from __future__ import annotations
@@ -25,15 +25,24 @@ MIGRATE = "run `pgbridge migrate` (or apply sql/*.sql in order with psql)"
 """What to do about a schema that is missing or older than this bridge needs."""
 
 
+_MISSING = asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError
+
+
+def _schema_problem(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused because pgbridge's own schema is missing, old, or closed to the role."""
+    return isinstance(exc, (*_MISSING, asyncpg.InsufficientPrivilegeError)) and "pgbridge" in str(exc)
+
+
 def describe(exc: BaseException) -> str:
     """What went wrong, and what to do: for a log line, a command's error or ``/healthz``'s log pointer."""
     if isinstance(exc, PgBridgeError):
         return str(exc)
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError | asyncpg.UndefinedFunctionError):
+    if isinstance(exc, _MISSING) and _schema_problem(exc):
         return f"{text} (the pgbridge schema is missing or older than this bridge: {MIGRATE})"
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return f"{text} (the bridge's role needs SELECT pgbridge.grant_bridge('<role>'): see docs/security.md)"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError) and _schema_problem(exc):
+        return (f"{text} (a bridge's role needs SELECT pgbridge.grant_bridge('<role>'); publishing needs the "
+                "pgbridge schema's owner: see docs/security.md)")  # fmt: skip
     if isinstance(exc, asyncpg.PostgresError):
         hint = getattr(exc, "hint", None)
         return f"{text} ({hint})" if hint else text
@@ -46,8 +55,7 @@ def translate(exc: BaseException) -> PgBridgeError:
     """The pgbridge error for a driver error (see :func:`describe`)."""
     if isinstance(exc, PgBridgeError):
         return exc
-    schema = asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError
-    if isinstance(exc, (*schema, asyncpg.InsufficientPrivilegeError)):
+    if _schema_problem(exc):
         return SchemaError(describe(exc))
     return DatabaseUnavailable(describe(exc))
 

@@ -30,6 +30,10 @@ Position = tuple[int, int, int]
 """``(tick, change id, row)``; tuples compare in delivery order."""
 
 MAX_ID = 2**63 - 1
+CHUNK_ROWS = 1000
+"""The most rows one change-log entry holds (``pgb_max_rows`` in ``capture_v3``): a row index is below it."""
+CHUNK_BYTES = 1 << 20
+"""About the most bytes of rows one entry holds (``pgb_max_bytes``; one row may exceed it alone)."""
 _EVENT_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})\.([0-9]{1,4})")
 _LEGACY_ID = re.compile(r"([0-9]{1,19})\.([0-9]{1,4})")
 
@@ -60,12 +64,12 @@ def parse_event_id(value: object) -> Position | LegacyId:
         raise ValueError(value)
     if m := _EVENT_ID.fullmatch(value):
         tick, change_id, row = (int(g) for g in m.groups())
-        if tick > MAX_ID or change_id > MAX_ID or row >= 1000 or (change_id == 0 and row != 0):
+        if tick > MAX_ID or change_id > MAX_ID or row >= CHUNK_ROWS or (change_id == 0 and row != 0):
             raise ValueError(value)
         return (tick - 1, MAX_ID, 0) if change_id == 0 else (tick, change_id, row)
     if m := _LEGACY_ID.fullmatch(value):
         change_id, row = int(m.group(1)), int(m.group(2))
-        if change_id > MAX_ID or row >= 1000:
+        if change_id > MAX_ID or row >= CHUNK_ROWS:
             raise ValueError(value)
         return LegacyId(change_id, row)
     raise ValueError(value)

@@ -26,8 +26,8 @@ from datetime import datetime
 
 import asyncpg
 
-from pgbridge import changelog
-from pgbridge.errors import ConnectionLost, Pruned, SchemaError
+from pgbridge import changelog, database
+from pgbridge.errors import ConnectionLost, Pruned
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
 from pgbridge.logs import OncePer
@@ -111,7 +111,7 @@ class Listener:
             except Exception as exc:
                 self._failures += 1
                 self.connected = False
-                self.problem = _describe(exc)
+                self.problem = database.describe(exc)
                 if unavailable_log(self.problem):
                     log.warning("database connection unavailable: %s; reconnecting", self.problem)
             self.reconnects += 1
@@ -184,6 +184,7 @@ class Listener:
                 crowded = tick.queue >= changelog.WAKE_BELOW
                 if crowded and time.monotonic() - relistened > _RELISTEN_EVERY:
                     await self._relisten(conn, channels)
+                    polled = await self._publications(conn)  # their announcements are skipped too
                     relistened = time.monotonic()
                 await self._deliver(conn, tick.n, tick.at)
                 try:
@@ -275,14 +276,3 @@ class Listener:
     def _signal(self) -> None:
         self._advanced.set()
         self._advanced = asyncio.Event()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SchemaError):
-        return str(exc)
-    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.InvalidSchemaNameError | asyncpg.UndefinedFunctionError):
-        return f"{exc} (the pgbridge schema is missing or old: run `pgbridge migrate`)"
-    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return f"{exc} (the bridge's role needs the grants in the README's Security section)"
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

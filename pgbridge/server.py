@@ -23,6 +23,7 @@ from pgbridge import sse, websocket
 from pgbridge.auth import TokenPolicy
 from pgbridge.config import Settings
 from pgbridge.hub import SIDE_TASKS, Bridge
+from pgbridge.logs import OncePer
 from pgbridge.metrics import CONTENT_TYPE, Exposition
 from pgbridge.protocol import SHUTTING_DOWN, SSE_PATH, WS_PATH, Close
 from pgbridge.stream import BRIDGE
@@ -158,17 +159,14 @@ def _descriptor_limit() -> int:
     return max(16, soft - _RESERVED_FILES)
 
 
-def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
-    """Report running out of descriptors once a minute instead of once per attempt."""
-    last = 0.0
+def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Report running out of descriptors once a minute instead of once per attempt; return how to undo it."""
+    reported = OncePer(60)
     default = loop.get_exception_handler()
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        nonlocal last
         if "out of system resource" in str(context.get("message", "")):
-            now = time.monotonic()
-            if now - last > 60:
-                last = now
+            if reported():
                 log.error("out of file descriptors: new connections wait (reported once a minute): %s",
                           context.get("exception"))  # fmt: skip
             return
@@ -178,12 +176,16 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+    return lambda: loop.set_exception_handler(default)
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    _quiet_accept_errors(asyncio.get_running_loop())
-    async with app[BRIDGE].running():
-        yield
+    restore = _quiet_accept_errors(asyncio.get_running_loop())
+    try:
+        async with app[BRIDGE].running():
+            yield
+    finally:
+        restore()
 
 
 async def _close_clients(app: web.Application) -> None:
@@ -196,15 +198,13 @@ class _ClientErrors(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._last = 0.0
+        self._reported = OncePer(60)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, HttpProcessingError | ConnectionError):
             return True
-        now = time.monotonic()
-        if now - self._last > 60:
-            self._last = now
+        if self._reported():
             log.debug("a client sent a malformed request or left during it (%s; reported once a minute)",
                       type(error).__name__)  # fmt: skip
         return False

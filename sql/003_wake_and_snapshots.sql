@@ -254,8 +254,10 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    pgb_wake_below CONSTANT double precision := 0.5;
 BEGIN
-    IF pg_notification_queue_usage() < 0.5 THEN
+    IF pg_notification_queue_usage() < pgb_wake_below THEN
         PERFORM pg_notify((SELECT c.name FROM pgbridge.channels c WHERE c.purpose = 'publications'), coll);
     END IF;
 END
