@@ -21,7 +21,7 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
 )  # fmt: skip
 """What a database that is down, restarting, unreachable or refusing raises."""
 
-MIGRATE = "run `pgbridge migrate` (or apply sql/*.sql in order with psql)"
+MIGRATE = "run `pgbridge migrate` (or, with psql, sql/schema.sql on a new database, else the sql/NNN_*.sql it lacks)"
 """What to do about a schema that is missing or older than this bridge needs."""
 
 

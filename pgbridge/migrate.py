@@ -1,4 +1,9 @@
-"""Apply the SQL migrations in ``sql/`` (shipped inside the package as ``pgbridge.sql``)."""
+"""Install or upgrade the pgbridge schema from ``sql/`` (shipped inside the package as ``pgbridge.sql``).
+
+``schema.sql`` is the current schema in one file, for a database that has none; the numbered files
+``NNN_name.sql`` are the migrations, which upgrade a database that has it. Both record the versions
+they stand for in ``pgbridge.migrations``.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from pgbridge.errors import MigrationError
 log = logging.getLogger(__name__)
 
 _MIGRATE_LOCK = 7316021946250125311
-_NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")
+_NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql")  # a migration; schema.sql is not one
+SCHEMA = "schema.sql"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,18 +44,38 @@ def migrations() -> list[Migration]:
     return found
 
 
-async def migrate(conn: asyncpg.Connection, *, lock_timeout: float = 60.0) -> list[str]:
-    """Apply the migrations this database lacks, under an advisory lock; return their names.
+def schema() -> str:
+    """``schema.sql``: the whole current schema, which installs into a database without the pgbridge schema."""
+    try:
+        return resources.files("pgbridge.sql").joinpath(SCHEMA).read_text("utf-8")
+    except FileNotFoundError:
+        raise MigrationError(f"{SCHEMA} is missing from the pgbridge.sql package: the installation is broken") from None
 
-    Each file records itself in ``pgbridge.migrations``, so files applied by hand with psql count too.
+
+async def migrate(conn: asyncpg.Connection, *, lock_timeout: float = 60.0) -> list[str]:
+    """Bring this database's pgbridge schema up to date, under an advisory lock; return the names of the
+    migrations it gained.
+
+    A database without the pgbridge schema gets ``schema.sql``, which records every migration it stands
+    for; then, as a database that has the schema, each numbered migration it lacks, in order. Each file
+    records itself in ``pgbridge.migrations``, so files applied by hand with psql count too. (A schema
+    named pgbridge without that table, such as one a DBA created empty, takes all the numbered files.)
     While another session holds the lock, it waits up to ``lock_timeout`` seconds, saying who holds it.
     """
     await _lock(conn, lock_timeout)
     try:
+        numbered = migrations()
+        applied: list[str] = []
+        if await conn.fetchval("SELECT to_regnamespace('pgbridge') IS NULL"):
+            try:
+                await conn.execute(schema())
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"{SCHEMA} failed: {exc}") from exc
+            applied = [r["name"] for r in await conn.fetch("SELECT name FROM pgbridge.migrations ORDER BY version")]
+            log.info("installed %s (%s)", SCHEMA, ", ".join(applied))
         exists = await conn.fetchval("SELECT to_regclass('pgbridge.migrations') IS NOT NULL")
         done = {r["version"] for r in await conn.fetch("SELECT version FROM pgbridge.migrations")} if exists else set()
-        applied = []
-        for m in migrations():
+        for m in numbered:
             if m.version in done:
                 continue
             try:

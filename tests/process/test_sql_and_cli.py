@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +193,9 @@ def test_a_built_wheel_carries_the_migrations_and_the_inspector(tmp_path: Path) 
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
     wheel = next(tmp_path.glob("pgbridge-*.whl"))
+    with zipfile.ZipFile(wheel) as whl:
+        carried = {name for name in whl.namelist() if name.startswith("pgbridge/sql/")}
+    assert {"pgbridge/sql/schema.sql", "pgbridge/sql/001_change_log.sql"} <= carried, carried
     target = tmp_path / "site"
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -199,13 +204,17 @@ def test_a_built_wheel_carries_the_migrations_and_the_inspector(tmp_path: Path) 
     assert installed.returncode == 0, installed.stderr
     probe = subprocess.run(
         [sys.executable, "-c", "import pgbridge.migrate as m; print(m.__file__, [x.name for x in m.migrations()]); "
+         "import hashlib; print(hashlib.sha256(m.schema().encode()).hexdigest()); "
          "from importlib import resources; print(len(resources.files('pgbridge').joinpath('static', "
          "'inspector.js').read_bytes()))"],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
-    assert str(target) in probe.stdout and "001_change_log" in probe.stdout
-    assert int(probe.stdout.split()[-1]) > 1000
+    where, schema, inspector = probe.stdout.splitlines()
+    numbered = sorted(path.stem for path in (ROOT / "sql").glob("[0-9][0-9][0-9]_*.sql"))
+    assert where.startswith(str(target)) and where.endswith(str(numbered))  # and schema.sql is not a migration
+    assert schema == hashlib.sha256((ROOT / "sql" / "schema.sql").read_bytes()).hexdigest()
+    assert int(inspector) > 1000
 
 
 async def test_partitioned_tables_publish_on_the_root(db: asyncpg.Connection) -> None:
