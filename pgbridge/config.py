@@ -54,6 +54,7 @@ class Settings:
     max_filter_cost_per_subject: int = 10_000
     max_replays: int = 4
     max_snapshots: int = 2
+    routing_budget: int = 50_000
     history_bytes: int = 32 * 1024 * 1024
     retention_age: float = 24 * 3600.0
     retention_transactions: int = 1_000_000
@@ -91,8 +92,8 @@ class Settings:
 _POSITIVE = (
     "workers", "heartbeat", "handshake_timeout", "max_subscriptions", "max_frame", "outbound_limit", "stall_timeout",
     "close_timeout", "max_connections_per_subject", "max_filter_cost", "max_filter_cost_per_subject", "max_replays",
-    "max_snapshots", "history_bytes", "retention_age", "retention_transactions", "prune_interval", "probe_interval",
-    "probe_timeout", "poll_interval", "stats_interval", "sse_retry",
+    "max_snapshots", "routing_budget", "history_bytes", "retention_age", "retention_transactions", "prune_interval",
+    "probe_interval", "probe_timeout", "poll_interval", "stats_interval", "sse_retry",
 )  # fmt: skip
 _NOT_NEGATIVE = ("ping_interval", "idle_timeout", "max_connections", "jwt_leeway")
 
@@ -196,6 +197,12 @@ SERVE = (
     _serve("max_filter_cost_per_subject", int, "filter conditions per token subject and process"),
     _serve("max_replays", int, "change-log reads in flight for catching-up clients (more wait their turn)"),
     _serve("max_snapshots", int, "snapshots read at once, each one database transaction (more wait their turn)"),
+    _serve(
+        "routing_budget",
+        int,
+        "filter conditions evaluated per change before the subjects whose filters cost most are fed from the "
+        "change log instead of live",
+    ),
     _serve("history_bytes", int, "bytes of recent changes kept in memory for clients that fall a little behind"),
     _serve("retention_age", float, "seconds the change log keeps a transaction"),
     _serve("retention_transactions", int, "most transactions the change log keeps"),

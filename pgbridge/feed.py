@@ -28,6 +28,7 @@ from pgbridge.listener import Listener
 from pgbridge.router import Router, Subscription
 
 log = logging.getLogger(__name__)
+_YIELD_EVERY = 0.005  # seconds of feeding between two yields to the event loop
 
 
 class Sink(Protocol):
@@ -114,19 +115,22 @@ class Feed:
                 await listener.advanced()
                 continue
             if self._queue:
-                if not await self._send_queued():
-                    self._join()
-                    return
+                if not await self._send_queued():  # the next row is beyond the head
+                    if self._join():
+                        return
+                    await listener.advanced()
                 continue
             if self._after >= head[:2]:
-                self._join()
-                return
+                if self._join():
+                    return
+                await listener.advanced()
+                continue
             try:
                 if self._passed is None:
                     await self._count(head)
                 self._fetch(head) if self._history.covers(self._after) else await self._read(head)
             except Pruned:
-                self._join()
+                self._join(held=False)
                 for collection in self.collections:
                     self._sink.send(protocol.resync_required(collection))
                 return
@@ -137,12 +141,18 @@ class Feed:
                 continue
             delay = 0.1
 
-    def _join(self) -> None:
-        """Rejoin the live stream after the listener's head; call only with nothing up to it left to send."""
+    def _join(self, *, held: bool = True) -> bool:
+        """Rejoin the live stream after the listener's head; call only with nothing up to it left to send.
+
+        False, and nothing done, while the router holds these subscriptions off live routing (their subject
+        went over the routing budget for the change being routed): feeding goes on meanwhile."""
+        if held and any(self._router.holds(sub) for sub in self.subs.values()):
+            return False
         self.done = self._listener.head
         self._queue.clear()
         for sub in self.subs.values():
             self._router.attach(sub)
+        return True
 
     async def _count(self, head: Position) -> None:
         """Count the positions from ``done`` to ``head``: from memory where the history holds them, the
@@ -169,7 +179,12 @@ class Feed:
         self._after = reached if reached > self._after else (head[0], MAX_ID)
 
     async def _send_queued(self) -> bool:
-        """Send queued rows up to the listener's head; False when the next row is beyond it."""
+        """Send queued rows up to the listener's head; False when the next row is beyond it.
+
+        Other clients' live messages go out meanwhile: a feed yields every few milliseconds, however fast
+        its client reads (a deferred subject's filters can take long to evaluate)."""
+        loop = asyncio.get_running_loop()
+        yielded = loop.time()
         while self._queue:
             change = self._queue[0]
             sub = self.subs[change.collection]
@@ -188,5 +203,10 @@ class Feed:
                 self.done = position
                 if self._passed is not None:
                     self._passed += 1
+                if loop.time() - yielded > _YIELD_EVERY:
+                    await asyncio.sleep(0)
+                    yielded = loop.time()
+                    if self._sink.closing:
+                        return True
             self._queue.popleft()
         return True

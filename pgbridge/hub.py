@@ -83,7 +83,7 @@ class Bridge:
 
     def __post_init__(self) -> None:
         s = self.settings
-        self.router = Router(s.tenant_column, self._fell_behind)
+        self.router = Router(s.tenant_column, self._fell_behind, s.routing_budget)
         self.history = History(s.history_bytes)
         self.listener = Listener(
             ListenerSettings(

@@ -53,7 +53,7 @@ def tenant_key(value: Any) -> Hashable:
 class Subscription:
     """One connection's interest in one collection."""
 
-    __slots__ = ("collection", "filter", "live", "operations", "sink", "tenant")
+    __slots__ = ("collection", "filter", "live", "operations", "payer", "sink", "tenant")
 
     def __init__(
         self,
@@ -62,6 +62,7 @@ class Subscription:
         operations: frozenset[Op],
         filter: RowFilter,
         tenant: Hashable = None,
+        payer: Hashable = None,
     ) -> None:
         self.sink = sink
         self.collection = collection
@@ -69,6 +70,8 @@ class Subscription:
         self.filter = filter
         self.tenant = tenant
         """The token's :func:`tenant_key` under tenant isolation, else None."""
+        self.payer = payer
+        """Whose routing budget it draws on (the token's subject)."""
         self.live = False
         """Whether the router delivers to it; False while it catches up from the change log."""
 
@@ -156,15 +159,30 @@ class Router:
     ``on_behind(sub, change, row)`` is called for a subscription whose sink had no room for row
     ``row`` of ``change``: the router has stopped delivering to it, and it must be fed from the change
     log starting with that row.
+
+    Routing work is bounded per change (one change-log entry, up to 1000 rows): ``budget`` is how many
+    filter conditions may be evaluated for it. Deliveries do not count (a row costs what its matches
+    cost, and a broadcast must stay one), only evaluations, which filters whose indexed condition is
+    broad (``{"id": {"lt": 1e15}, ...}``) can make every row pay for every subscription. Past the budget,
+    the subject (``payer``) whose live filters on the collection cost most stops being routed live for
+    this collection: its subscriptions go through ``on_behind`` and are fed from the change log, at
+    their own pace, beside everyone else's live delivery. Then the next costliest, while still over.
     """
 
     def __init__(
         self,
         tenant_column: str | None = None,
         on_behind: Callable[[Subscription, Change, int], None] | None = None,
+        budget: int = 50_000,
     ) -> None:
         self.tenant_column = tenant_column
         self._on_behind = on_behind
+        self.budget = budget
+        self.deferred = 0
+        """Subscriptions taken off live routing because their subject went over the budget."""
+        self._spent = 0  # conditions evaluated for the change being routed
+        self._spending: Change | None = None
+        self._held: set[Hashable] = set()  # subjects deferred until the change being routed is done
         self._collections: dict[str, dict[Hashable, _Bucket]] = {}
         self._filtered: dict[str, int] = {}  # groups per collection that need the row parsed
         self._by_sink: dict[Sink, dict[str, Subscription]] = {}
@@ -244,12 +262,15 @@ class Router:
         if not buckets:
             return
         behind: list[Subscription] = []
+        spent = 0
         if change.kind == "truncate":
             message = protocol.resync_required(change.collection, change.event_id(0))
             for bucket in buckets.values():
                 for group in bucket.groups.values():
                     _offer(group, message, behind)
         else:
+            if change is not self._spending:
+                self._spending, self._spent, self._held = change, 0, set()
             row = _Row(change, index, self.tenant_column, parse=self.tenant_column is not None
                        or self._filtered.get(change.collection, 0) > 0)  # fmt: skip
             for tenant in row.tenants():
@@ -257,13 +278,58 @@ class Router:
                 if found is None:
                     continue
                 for group in found.candidates(row.values()) if row.parsed else found.groups.values():
+                    spent += len(group.filter.conditions)
                     kind = row.verdict(group.filter, group.tenant)
                     if kind is not None and kind in group.operations:
                         _offer(group, row.message(kind), behind)
+            self._spent += spent
         for sub in behind:
             self.detach(sub)
             if self._on_behind is not None:
                 self._on_behind(sub, change, index)
+        if change.kind != "truncate":  # those behind are fed already: only live ones are deferred
+            projected = self._spent + spent * (change.units - index - 1)
+            if projected > self.budget and index + 1 < change.units:
+                self._defer(change, index + 1, projected)
+            elif index + 1 == change.units:
+                self._held = set()
+
+    def holds(self, sub: Subscription) -> bool:
+        """Whether ``sub``'s subject was deferred for the change being routed: it may not rejoin live
+        before that change is through, or it would be deferred again row after row."""
+        return sub.payer in self._held
+
+    def _defer(self, change: Change, row: int, projected: int) -> None:
+        """Take the subjects whose live filters on ``change``'s collection cost most off live routing for it,
+        costliest first, until the rest of the change fits the budget: from row ``row`` on, their
+        subscriptions are fed from the change log (``on_behind``).
+
+        A group's evaluation is shared by its subjects: each is charged its part, and the work goes only
+        once every one of them is deferred.
+        """
+        groups = [g for b in self._collections[change.collection].values() for g in b.groups.values()]
+        payers = {g: {sub.payer for sub in g.members} for g in groups}
+        share: dict[Hashable, float] = {}
+        for group in groups:
+            for payer in payers[group]:
+                share[payer] = share.get(payer, 0.0) + len(group.filter.conditions) / len(payers[group])
+        per_row = sum(len(g.filter.conditions) for g in groups)
+        spent = projected - self._spent  # what the rest of the change would cost as routed now
+        chosen: set[Hashable] = set()
+        for payer in sorted(share, key=share.__getitem__, reverse=True):
+            if self._spent + spent <= self.budget or not share[payer]:
+                break
+            chosen.add(payer)
+            left = sum(len(g.filter.conditions) for g in groups if payers[g] - chosen)
+            spent = spent * left // per_row if per_row else 0
+            per_row = left
+        self._held |= chosen
+        for group in groups:
+            for sub in [s for s in group.members if s.payer in chosen]:
+                self.detach(sub)
+                self.deferred += 1
+                if self._on_behind is not None:
+                    self._on_behind(sub, change, row)
 
     def message_for(self, sub: Subscription, change: Change, index: int) -> protocol.Message | None:
         """The message ``sub`` gets for row ``index`` of ``change``, if any: how a catch-up sends."""

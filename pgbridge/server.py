@@ -98,6 +98,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                  bridge.closed)  # fmt: skip
     out.counter("listener_reconnects_total", "times the listener reconnected to the database", listener.reconnects)
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
+    out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
+                "went over --routing-budget", bridge.router.deferred)  # fmt: skip
     out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)
     out.gauge("catching_up", "subscriptions fed from the change log, behind the live stream", len(bridge.feeds))
     out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", bridge.catch_up_lag())

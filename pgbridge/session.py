@@ -286,7 +286,7 @@ class Session:
             if bridge.cost_per_subject[self.grant.subject] + cost > s.max_filter_cost_per_subject:
                 raise refuse(f"Filters too complex: at most {s.max_filter_cost_per_subject} conditions per token")
             tenant = tenant_key(self.grant.tenant) if s.tenant_column else None
-            checked.append((Subscription(self, name, operations, request.filter, tenant), extra))
+            checked.append((Subscription(self, name, operations, request.filter, tenant, self.grant.subject), extra))
         return checked
 
     def subscribe(self, requests: Sequence[protocol.Subscribe]) -> None:

@@ -7,6 +7,7 @@ memory are measured apart from the many clients attacking it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -27,7 +28,9 @@ from tests.helpers import (
     SECRET,
     BridgeProcess,
     RunningBridge,
+    assert_silent,
     close_frame,
+    collect,
     raw_upgrade,
     recv,
     send,
@@ -398,3 +401,30 @@ async def test_clients_written_for_snackbase_see_their_confirmations(bridge: Run
         await send(ws, {"action": "unsubscribe", "collection": "posts"})
         reply = await recv(ws)
         assert (reply["type"], reply["status"]) == ("unsubscribed", "unsubscribed")
+
+
+async def test_filters_that_defeat_the_index_cost_their_subjects_not_everyone(
+    dsn: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    """Broad bounds make every row evaluate every such filter. Past --routing-budget the subjects whose
+    filters cost most are fed from the change log: others stay live, and nobody loses a row."""
+    await db.execute(POSTS)
+    running = await start_bridge(dsn, routing_budget=2_000)
+    # The only numeric bound is the broad one, so the index takes it: every row is a candidate.
+    broad = {"id": {"lt": 1e15}, "title": {"gte": "t9"}}
+    async with contextlib.AsyncExitStack() as stack:
+        attackers = [await stack.enter_async_context(running.connect(token(sub=f"mallory{s}")))
+                     for s in range(5) for _ in range(4)]  # fmt: skip
+        for i, ws in enumerate(attackers):
+            await subscribe(ws, "posts", filter={**broad, "author_id": {"neq": -i}})
+        async with running.connect(token(sub="alice")) as honest:
+            await subscribe(honest, "posts", filter={"author_id": {"lt": 10}})
+            await db.execute("INSERT INTO posts (title, author_id) SELECT 't' || g, g FROM generate_series(1, 100) g")
+            got = await collect(honest, 9)
+            assert [e["data"]["author_id"] for e in got] == list(range(1, 10))
+            for ws in attackers:  # every row they asked for, once, in order: titles t9, t90..t99
+                assert [e["data"]["author_id"] for e in await collect(ws, 11)] == [9, *range(90, 100)]
+                await assert_silent(ws, 0.05)
+        # 61 conditions a row, 2,000 for the statement: the four costliest subjects (12 conditions each) go,
+        # the fifth and alice (1) stay live.
+        assert running.bridge.router.deferred == 16

@@ -9,7 +9,7 @@ import pytest
 
 from pgbridge.auth import ALL_OPS
 from pgbridge.events import Change
-from pgbridge.filters import RowFilter, compile_filter
+from pgbridge.filters import MATCH_ALL, RowFilter, compile_filter
 from pgbridge.protocol import Message
 from pgbridge.router import Router, Subscription, tenant_key
 
@@ -182,3 +182,45 @@ def test_removing_subscriptions_leaves_no_empty_groups() -> None:
     router.drop(sink)
     assert router.subscriptions(sink) == {}
     assert router.groups() == 0
+
+
+def test_subjects_whose_filters_cost_most_are_fed_from_the_log_when_a_change_goes_over_budget() -> None:
+    """Filters whose indexed condition is broad make every row evaluate them all: the costliest subjects
+    pay (they are fed from the change log, losing nothing), the others stay live, a broadcast never pays."""
+    deferred: list[tuple[Subscription, int]] = []
+    router = Router(on_behind=lambda sub, c, row: deferred.append((sub, row)), budget=20_000)
+    broad = {"id": {"lt": 1e15}, "n": {"gt": 10**9}}  # the index takes the first bound: every row is a candidate
+    attackers = {f"mallory{i}": [Sink() for _ in range(100)] for i in range(5)}
+    for payer, sinks in attackers.items():
+        for j, sink in enumerate(sinks):
+            flt = compile_filter({**broad, "x": {"neq": j}})  # distinct: no shared evaluation
+            router.add(Subscription(sink, "posts", ALL, flt, payer=payer))
+    honest, watcher = Sink(), Sink()
+    router.add(Subscription(honest, "posts", ALL, compile_filter({"n": {"lt": 5}}), payer="alice"))
+    router.add(Subscription(watcher, "posts", ALL, compile_filter(None), payer="bob"))  # costs nothing
+    route_all(router, change([{"id": i, "n": i % 10} for i in range(100)]))
+    assert len(deferred) == 500 and {row for _, row in deferred} == {1}  # all of them, from the second row
+    assert {sub.payer for sub, _ in deferred} == set(attackers)
+    assert router.deferred == 500 and router.groups() == 2
+    assert [m["data"]["id"] for m in honest.messages()] == [i for i in range(100) if i % 10 < 5]
+    assert len(watcher.received) == 100
+
+
+def test_a_broadcast_never_goes_over_budget() -> None:
+    deferred: list[Subscription] = []
+    router = Router(on_behind=lambda sub, c, row: deferred.append(sub), budget=1)
+    sinks = [Sink() for _ in range(500)]
+    for i, sink in enumerate(sinks):
+        router.add(Subscription(sink, "posts", ALL, MATCH_ALL, payer=f"user{i}"))
+    route_all(router, change([{"id": i} for i in range(100)]))
+    assert not deferred and all(len(s.received) == 100 for s in sinks)
+
+
+def test_a_shared_filter_costs_one_evaluation_however_many_share_it() -> None:
+    deferred: list[Subscription] = []
+    router = Router(on_behind=lambda sub, c, row: deferred.append(sub), budget=100 * 2)
+    shared = compile_filter({"id": {"gte": 0}, "n": {"lt": 100}})
+    for i in range(300):
+        router.add(Subscription(Sink(), "posts", ALL, shared, payer=f"user{i}"))
+    route_all(router, change([{"id": i, "n": i} for i in range(100)]))
+    assert not deferred  # 100 rows x one group of 2 conditions: within the budget
