@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = 2
 """The format of the change log this bridge reads (``pgbridge.log_format()``)."""
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The oldest schema (``pgbridge.migrations``) that has everything this bridge uses."""
 WAKE_BELOW = 0.5
 """Writers send wake-ups only while the NOTIFY queue is less full than this (``capture_v3``): past it,
@@ -103,7 +103,8 @@ async def tick(conn: asyncpg.Connection) -> Tick:
 
 
 async def channels(conn: asyncpg.Connection) -> dict[str, str]:
-    """The NOTIFY channels pgbridge's functions notify on, by purpose (``wake``, ``publications``)."""
+    """The NOTIFY channels of pgbridge, by purpose: ``wake`` and ``publications``, which its functions
+    notify on, and ``ticks``, on which the ticker announces its ticks (:func:`announce`)."""
     return {r["purpose"]: r["name"] for r in await conn.fetch("SELECT purpose, name FROM pgbridge.channels")}
 
 
@@ -131,6 +132,52 @@ async def durable(conn: asyncpg.Connection, patience: float) -> bool:
 
 async def newest_tick(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT max(n) FROM pgbridge.ticks"))
+
+
+async def lease(conn: asyncpg.Connection, holder: str, seconds: float) -> tuple[bool, float]:
+    """Take or renew the ticker lease for ``holder`` for ``seconds``, if it is free, lapsed or already
+    ``holder``'s; return whether ``holder`` holds it, and how full the NOTIFY queue is (0 to 1).
+
+    The database's clock decides, so the bridges' clocks need not agree."""
+    row = await conn.fetchrow(
+        """WITH taken AS (
+               UPDATE pgbridge.leases
+               SET holder = $1, until = clock_timestamp() + make_interval(secs => $2)
+               WHERE name = 'ticker' AND (holder = $1 OR until IS NULL OR until < clock_timestamp())
+               RETURNING 1
+           )
+           SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue""",
+        holder,
+        seconds,
+    )
+    return bool(row["held"]), float(row["queue"])
+
+
+async def release(conn: asyncpg.Connection, holder: str) -> None:
+    """Give the ticker lease up, if ``holder`` holds it, so that another bridge takes it at once."""
+    await conn.execute("UPDATE pgbridge.leases SET until = NULL WHERE name = 'ticker' AND holder = $1", holder)
+
+
+async def announce(conn: asyncpg.Connection, channel: str, n: int, at: datetime) -> None:
+    """Tell the bridges that follow the ticker that tick ``n``, taken at ``at``, is durable."""
+    await conn.execute("SELECT pg_notify($1, $2)", channel, f"{n} {at.isoformat()}")
+
+
+def announced(payload: str) -> tuple[int, datetime] | None:
+    """The tick an announcement (:func:`announce`) names, or None for a payload that is not one."""
+    n, _, at = payload.partition(" ")
+    try:
+        return int(n), datetime.fromisoformat(at)
+    except ValueError:
+        return None
+
+
+async def newest(conn: asyncpg.Connection) -> Tick:
+    """The newest tick, taking none: how a bridge that does not tick polls."""
+    row = await conn.fetchrow(
+        "SELECT t.n, t.at, pg_notification_queue_usage() AS queue FROM pgbridge.ticks t ORDER BY t.n DESC LIMIT 1"
+    )
+    return Tick(int(row["n"]), row["at"], float(row["queue"]))
 
 
 async def tick_time(conn: asyncpg.Connection, n: int) -> datetime | None:

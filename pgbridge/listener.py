@@ -1,12 +1,16 @@
 """The listener: one dedicated PostgreSQL connection that turns committed changes into routed rows.
 
-Writers wake it with an empty notification on a channel whose name only pgbridge's roles can read
-(``pgbridge.channels``), so no other role can flood it. Woken (or every poll interval), it records a
-tick (``pgbridge.tick_v3``), reads the new ticks' changes from the change log in position order, and
-routes them row by row. Its position is durable (ticks are), so after a lost connection it reconnects
-and continues from the row after the last one it routed: every committed change is routed once, in
-order, whatever happened to the connection. The tick query doubles as the liveness probe, with a
-timeout, so a connection that stops answering is replaced.
+Of the bridges on one database, one at a time is the ticker: it holds the ``ticker`` lease (a time,
+renewed every quarter of it, taken over by another bridge once it lapses). Writers wake the ticker with
+an empty notification on a channel whose name only pgbridge's roles can read (``pgbridge.channels``),
+so no other role can flood it. Woken (or every poll interval), it records a tick (``pgbridge.tick_v3``),
+and once the tick is durable it announces it on the ``ticks`` channel. Every other bridge follows:
+it listens only for those announcements (one per tick, however many writers), and polls the ticks
+table now and then in case one was missed. Each bridge then reads the new ticks' changes from the
+change log in position order and routes them row by row. Its position is durable (ticks are), so after
+a lost connection it reconnects and continues from the row after the last one it routed: every committed
+change is routed once, in order, whatever happened to the connection. The lease query doubles as the
+liveness probe, with a timeout, so a connection that stops answering is replaced.
 
 While the NOTIFY queue is half full or more, writers send no wake-ups (a full queue would fail their
 commits), so the listener polls; and it registers its LISTEN again, which moves its backend's place in
@@ -16,9 +20,13 @@ the queue to the end, so that it is never what holds the queue back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import random
+import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 
 _YIELD_EVERY = 0.005  # seconds of routing between two yields to the event loop
 _RELISTEN_EVERY = 1.0  # seconds between two re-registrations while the NOTIFY queue is too full
+LEASE = 1.0
+"""Seconds the ticker lease lasts: a ticker that dies is replaced within about this much more a quarter."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +96,16 @@ class Listener:
         self.routed: Counter[str] = Counter()
         """Rows routed so far (positions up to :attr:`head`), by collection: how far behind a client is."""
         self.reconnects = 0
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        """This listener's name in the ticker lease."""
+        self.ticking = False
+        """Whether this bridge holds the ticker lease: it takes the ticks, the others follow them."""
+        self.ticks_taken = 0
+        """Tick queries this listener ran (only while it is the ticker)."""
+        self.takeovers = 0
+        self._announced = 0
+        self._announce_log = OncePer(60)
+        self._ticks_channel = ""
         self.ticks_read = 0
         self.newest_tick = 0
         self.forced_flushes = 0
@@ -134,6 +154,7 @@ class Listener:
         lost = asyncio.Event()
         wake = asyncio.Event()
         republish = asyncio.Event()
+        announced: list[tuple[int, datetime]] = []
 
         def on_lost(_c: object) -> None:
             lost.set()
@@ -144,15 +165,24 @@ class Listener:
         def on_wake(_c: object, _pid: int, _channel: str, _payload: str) -> None:
             wake.set()
 
+        def on_tick(_c: object, _pid: int, _channel: str, payload: str) -> None:
+            tick = changelog.announced(payload)
+            if tick is not None:
+                announced.append(tick)
+                wake.set()
+
         def on_publication(_c: object, _pid: int, _channel: str, _payload: str) -> None:
             republish.set()
             wake.set()
 
+        self.ticking = False
         try:
+            await database.check_notifications(conn, s.dsn, s.probe_timeout)
             await changelog.check_schema(conn)
             channels = await changelog.channels(conn)
-            await conn.add_listener(channels["wake"], on_wake)
+            self._ticks_channel = channels["ticks"]
             await conn.add_listener(channels["publications"], on_publication)
+            await conn.add_listener(channels["ticks"], on_tick)
             polled = await self._publications(conn)
             if self._after is None:
                 # Start from now: what committed before is for clients that ask with `since`.
@@ -173,22 +203,42 @@ class Listener:
                 self._restart_at(await changelog.newest_tick(conn))
             self.connected, self.problem, self._failures = True, None, 0
             log.info("reading changes from tick %d", self._after[0])
-            relistened = 0.0
+            relistened = leased = polled_at = -LEASE
             while not lost.is_set():
                 wake.clear()
                 if republish.is_set():
                     republish.clear()
                     polled = await self._publications(conn)
-                tick = await changelog.tick(conn)
-                self.queue_usage = tick.queue
-                crowded = tick.queue >= changelog.WAKE_BELOW
+                if time.monotonic() - leased >= LEASE / 4:
+                    leased = time.monotonic()
+                    held, self.queue_usage = await changelog.lease(conn, self.holder, LEASE)
+                    if held != self.ticking:
+                        await self._take_turn(conn, channels["wake"], on_wake, held)
+                flush = True  # whether the tick must be made durable before routing it
+                if self.ticking:
+                    tick = await changelog.tick(conn)
+                    self.ticks_taken += 1
+                    self.queue_usage, newest, taken = tick.queue, tick.n, tick.at
+                elif announced:
+                    (newest, taken), flush = max(announced), False  # the ticker made it durable
+                    announced.clear()
+                elif self.queue_usage >= changelog.WAKE_BELOW or time.monotonic() - polled_at >= s.probe_interval:
+                    # Nothing is announced while the queue is crowded, and an announcement can be missed.
+                    polled_at = time.monotonic()
+                    tick = await changelog.newest(conn)
+                    self.queue_usage, newest, taken = tick.queue, tick.n, tick.at
+                else:
+                    newest = 0
+                crowded = self.queue_usage >= changelog.WAKE_BELOW
                 if crowded and time.monotonic() - relistened > _RELISTEN_EVERY:
-                    await self._relisten(conn, channels)
+                    await self._relisten(conn, channels, skip=() if self.ticking else ("wake",))
                     polled = await self._publications(conn)  # their announcements are skipped too
                     relistened = time.monotonic()
-                await self._deliver(conn, tick.n, tick.at)
+                if newest:
+                    await self._deliver(conn, newest, taken, flush=flush)
+                quick = crowded or (polled and self.ticking)
                 try:
-                    async with asyncio.timeout(s.poll_interval if polled or crowded else s.probe_interval):
+                    async with asyncio.timeout(min(s.poll_interval if quick else s.probe_interval, LEASE / 4)):
                         await wake.wait()
                 except TimeoutError:
                     pass
@@ -196,15 +246,35 @@ class Listener:
         except TimeoutError:
             raise ConnectionLost(f"no answer from the database within {s.probe_timeout:g}s") from None
         finally:
-            self.connected = False
+            if self.ticking and not lost.is_set():  # shutting down: hand the ticks over at once
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await changelog.release(conn, self.holder)
+            self.connected = self.ticking = False
             conn.terminate()
 
-    async def _relisten(self, conn: asyncpg.Connection, channels: dict[str, str]) -> None:
+    async def _take_turn(
+        self, conn: asyncpg.Connection, channel: str, on_wake: Callable[..., None], ticking: bool
+    ) -> None:
+        """Become the ticker (listen for writers' wake-ups, take the ticks, announce them) or stop being it."""
+        if ticking:
+            await conn.add_listener(channel, on_wake)
+            self.takeovers += 1
+            self._announced = 0  # the current tick is announced again: its ticker may have died before it
+            log.info("this bridge now takes the ticks (holder %s)", self.holder)
+        else:
+            await conn.remove_listener(channel, on_wake)
+            log.info("another bridge took the ticks over; this one follows them")
+        self.ticking = ticking
+
+    async def _relisten(self, conn: asyncpg.Connection, channels: dict[str, str], skip: tuple[str, ...]) -> None:
         """Register this connection's LISTEN again: a new registration starts at the end of the NOTIFY
-        queue, so this backend is not among those that keep old entries in it. The callbacks stay."""
+        queue, so this backend is not among those that keep old entries in it. The callbacks stay.
+        Channels whose purpose is in ``skip`` are not listened to now."""
         await conn.execute("UNLISTEN *")
-        for name in channels.values():
-            await conn.execute(f'LISTEN "{name}"')
+        for purpose, name in channels.items():
+            if purpose not in skip:
+                await conn.execute(f'LISTEN "{name}"')
         if self._crowded_log():
             log.warning(
             "the NOTIFY queue is %.0f%% full: writers send no wake-ups, so changes are polled every %gs; "
@@ -217,11 +287,14 @@ class Listener:
         self._on_publications(await changelog.publications(conn))
         return await changelog.any_polled(conn)
 
-    async def _deliver(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
-        """Route every change up to tick ``newest`` (taken at ``taken``), page by page, once it is durable."""
+    async def _deliver(self, conn: asyncpg.Connection, newest: int, taken: datetime, *, flush: bool) -> None:
+        """Route every change up to tick ``newest`` (taken at ``taken``), page by page, once it is durable
+        (``flush``: make sure of it first; else it is known to be)."""
         assert self._after is not None
-        unflushed = newest > self.newest_tick
-        self.newest_tick = newest
+        unflushed = flush and newest > self.newest_tick
+        self.newest_tick = max(newest, self.newest_tick)
+        if not unflushed:
+            await self._announce(conn, newest, taken)
         loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):
             try:
@@ -231,7 +304,7 @@ class Listener:
             if unflushed:
                 # Nothing of the tick is routed before it is durable; meanwhile its batch was read, and a
                 # writer's commit has likely flushed it.
-                self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+                await self._durable(conn, newest, taken)
                 unflushed = False
             if reached is None:
                 log.error(
@@ -262,9 +335,25 @@ class Listener:
                 self.ticks_read = reached[0]
             self._signal()
         if unflushed:
-            self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+            await self._durable(conn, newest, taken)
         if self._after == (newest, MAX_ID):
             self._finished = (newest, taken)
+
+    async def _durable(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
+        self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+        await self._announce(conn, newest, taken)
+
+    async def _announce(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
+        """As the ticker, tell the others about durable tick ``newest``, once, before routing it: they route
+        it meanwhile. Not while the NOTIFY queue is crowded (they poll then)."""
+        if not self.ticking or newest <= self._announced or self.queue_usage >= changelog.WAKE_BELOW:
+            return
+        self._announced = newest
+        try:
+            await changelog.announce(conn, self._ticks_channel, newest, taken)
+        except asyncpg.PostgresError as exc:  # a full queue, say: the others poll within a probe interval
+            if self._announce_log():
+                log.warning("cannot announce tick %d to the other bridges: %s (reported once a minute)", newest, exc)
 
     def _restart_at(self, newest: int) -> None:
         """Continue after tick ``newest``; what lay between cannot be delivered, so every client resyncs."""

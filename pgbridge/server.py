@@ -46,6 +46,7 @@ async def healthz(request: web.Request) -> web.Response:
         "database": "connected" if listener.connected else "unavailable (the bridge's log says why)",
         "clients": len(bridge.sessions),
         "changes_delivered": listener.delivered,
+        "ticker": listener.ticking,
         "catching_up": len(bridge.feeds),
         "catch_up_lag_seconds": round(bridge.catch_up_lag(), 3),
         "catch_up_lag_events": bridge.catch_up_lag_events(),
@@ -97,6 +98,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.labelled("clients_closed_total", "counter", "connections the server closed or refused, by reason", "reason",
                  bridge.closed)  # fmt: skip
     out.counter("listener_reconnects_total", "times the listener reconnected to the database", listener.reconnects)
+    out.gauge("ticker", "1 while this bridge takes the ticks (holds the ticker lease); the others follow it",
+              int(listener.ticking))  # fmt: skip
+    out.counter("ticker_takeovers_total", "times this bridge took the ticker lease", listener.takeovers)
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
     out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
                 "went over --routing-budget", bridge.router.deferred)  # fmt: skip

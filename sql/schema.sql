@@ -2,7 +2,7 @@
 --
 -- For a database that has no pgbridge schema yet: `psql -v ON_ERROR_STOP=1 -f sql/schema.sql`, or
 -- `pgbridge migrate`, which applies this file to such a database. It stands for the numbered migrations
--- 001_change_log, 002_ticks and 003_wake_and_snapshots and records them in pgbridge.migrations, so a later
+-- 001_change_log to 004_ticker and records them in pgbridge.migrations, so a later
 -- migration applies over it as over a database that took them one by one. Over an existing pgbridge
 -- schema it refuses and changes nothing: upgrades are the numbered files sql/NNN_*.sql, in order.
 --
@@ -59,7 +59,8 @@ CREATE TABLE pgbridge.migrations (
 INSERT INTO pgbridge.migrations (version, name) VALUES
     (1, '001_change_log'),
     (2, '002_ticks'),
-    (3, '003_wake_and_snapshots');
+    (3, '003_wake_and_snapshots'),
+    (4, '004_ticker');
 
 -- What a bridge checks before it reads the log: the format of pgbridge.changes and pgbridge.ticks. A
 -- later migration that keeps the format keeps this value, so bridges of this version keep working.
@@ -129,25 +130,32 @@ COMMENT ON TABLE pgbridge.ticks IS
     'visible in snap and not in tick n-1''s: `changes` entries of `transactions` transactions, all with '
     'ids in [min_id, max_id]. total counts transactions since the first tick. Written only by pgbridge.tick_v2().';
 
--- A lease is a row lock a bridge holds for one short transaction; only roles that may update this
--- table can take one, unlike an advisory lock, which any role can take and hold. `prune`: one bridge
--- at a time deletes old changes and ticks; `flush`: the row flush_v2 writes.
-CREATE TABLE pgbridge.leases (name text PRIMARY KEY);
-INSERT INTO pgbridge.leases VALUES ('prune'), ('flush');
+-- Only roles that may update this table can take a lease, unlike an advisory lock, which any role can
+-- take and hold. `prune` and `flush` are row locks a bridge holds for one short transaction: one bridge
+-- at a time deletes old changes and ticks; flush_v2 writes its row. `ticker` is a time: the bridge named
+-- `holder` takes the ticks, listens for writers' wake-ups and announces each tick on the `ticks` channel
+-- until `until`; it renews the lease long before, and another bridge takes it once it lapses.
+CREATE TABLE pgbridge.leases (name text PRIMARY KEY, holder text, until timestamptz);
+COMMENT ON TABLE pgbridge.leases IS
+    'prune and flush: row locks, held for one short transaction. ticker: the bridge (holder) that takes '
+    'ticks until `until`; it renews the lease long before, and another bridge takes it once it lapses.';
+INSERT INTO pgbridge.leases (name) VALUES ('prune'), ('flush'), ('ticker');
 
 -- The channels pgbridge notifies on. Their names are random, made here at install, and this table is
 -- closed to every role but the schema's owner and bridges (grant_bridge): a role that cannot read it
 -- cannot LISTEN to them, nor send on them.
 CREATE TABLE pgbridge.channels (
-    purpose text PRIMARY KEY CHECK (purpose IN ('wake', 'publications')),
-    name    text NOT NULL UNIQUE
+    purpose text PRIMARY KEY,
+    name    text NOT NULL UNIQUE,
+    CONSTRAINT channels_purpose_check CHECK (purpose IN ('wake', 'publications', 'ticks'))
 );
 COMMENT ON TABLE pgbridge.channels IS
-    'The NOTIFY channels of pgbridge: wake (a statement changed a published table) and publications (the '
-    'published tables changed). Random names, known only to roles that may read this table.';
+    'The NOTIFY channels of pgbridge: wake (a statement changed a published table), publications (the '
+    'published tables changed) and ticks (the ticker took a tick: "<n> <when>"). Random names, known only '
+    'to roles that may read this table.';
 INSERT INTO pgbridge.channels (purpose, name)
 SELECT purpose, 'pgbridge_' || purpose || '_' || replace(gen_random_uuid()::text, '-', '')
-FROM unnest(ARRAY['wake', 'publications']) AS purpose;
+FROM unnest(ARRAY['wake', 'publications', 'ticks']) AS purpose;
 
 
 -- 3. Capture -----------------------------------------------------------------------------------------

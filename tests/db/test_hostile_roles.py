@@ -129,6 +129,6 @@ async def test_wake_up_channels_are_secret(queue_db: str) -> None:
         names = set((await changelog.channels(owner)).values())
     finally:
         await owner.close()
-    assert len(names) == 2
+    assert len(names) == 3  # wake, publications, ticks
     for name in names:
         assert name not in source and name not in triggers
