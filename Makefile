@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 VERSION_TESTS := tests/db/test_capture.py tests/db/test_recovery.py tests/process/test_sql_and_cli.py \
                  tests/db/test_core.py tests/db/test_access.py tests/db/test_flow_control.py
 
-.PHONY: run test test-versions lint bench clean
+.PHONY: run test test-versions lint bench clean system-packages
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench
+
+# Debian's packages some tests need, as root: chromium (the browser tests), haproxy (the replicas and the
+# TLS example), pgbouncer (tests/process/test_pgbouncer.py), postgresql-15 (test-versions). .ci/run
+# installs those that are missing.
+SYSTEM_PACKAGES := chromium haproxy pgbouncer postgresql-15
+
+system-packages:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES)
 
 clean:
 	rm -rf $(VENV) .pgbridge build *.egg-info

@@ -105,14 +105,16 @@ def _policy(settings: Settings) -> TokenPolicy:
     )
 
 
-async def _check_schema(dsn: str | None) -> None:
-    """Refuse to start on a database whose pgbridge schema this bridge cannot read.
+async def _check_database(settings: Settings) -> None:
+    """Refuse to start on a database whose pgbridge schema this bridge cannot read, or with a listener
+    connection that receives no notifications (one through a transaction-mode pooler).
 
-    A database that cannot be reached yet is not refused: the bridge waits for it.
+    A database that cannot be reached yet is not refused: the bridge waits for it, and its listener makes
+    the same check of its connection whenever it connects.
     """
     try:
         with database.errors():
-            conn = await asyncpg.connect(dsn, timeout=10)
+            conn = await database.connect(settings.dsn, timeout=10)
     except DatabaseUnavailable as exc:
         log.warning("%s; serving, and connecting when it is up", exc)
         return
@@ -120,11 +122,22 @@ async def _check_schema(dsn: str | None) -> None:
         await changelog.check_schema(conn)
     finally:
         await conn.close()
+    listen_dsn = settings.dsn if settings.listen_dsn is None else settings.listen_dsn
+    try:
+        with database.errors():
+            conn = await database.connect(listen_dsn, timeout=10)
+    except DatabaseUnavailable as exc:
+        log.warning("the listener's connection (--listen-dsn): %s; serving, and connecting when it is up", exc)
+        return
+    try:
+        await database.check_notifications(conn, listen_dsn, settings.probe_timeout)
+    finally:
+        await conn.close()
 
 
 def _serve(settings: Settings, banner: str | None = None, *, reuse_port: bool = False) -> None:
     policy = _policy(settings)
-    asyncio.run(_check_schema(settings.dsn))
+    asyncio.run(_check_database(settings))
     app = create_app(settings, policy)
     url = f"ws://{settings.host}:{settings.port}{WS_PATH}"
 
@@ -209,7 +222,7 @@ def _workers(count: int) -> None:
 
 
 async def _with_connection(dsn: str | None, work: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
-    conn = await asyncpg.connect(dsn)
+    conn = await database.connect(dsn)
     try:
         return await work(conn)
     finally:
@@ -218,7 +231,7 @@ async def _with_connection(dsn: str | None, work: Callable[[asyncpg.Connection],
 
 def _cmd_migrate(args: argparse.Namespace, values: dict[str, Any]) -> None:
     async def run() -> list[str]:
-        conn = await asyncpg.connect(values["dsn"])
+        conn = await database.connect(values["dsn"])
         try:
             return await migrate(conn, lock_timeout=values["lock_timeout"])
         finally:
@@ -282,7 +295,7 @@ def _cmd_dev(args: argparse.Namespace, values: dict[str, Any]) -> None:
     assert settings.jwt_secret is not None
 
     async def prepare() -> None:
-        conn = await asyncpg.connect(settings.dsn)
+        conn = await database.connect(settings.dsn)
         try:
             await migrate(conn)
             await conn.execute(DEMO_TABLE)
@@ -318,7 +331,7 @@ def _cmd_status(args: argparse.Namespace, values: dict[str, Any]) -> None:
 
 async def _status(dsn: str | None, url: str) -> str:
     lines = []
-    conn = await asyncpg.connect(dsn)
+    conn = await database.connect(dsn)
     try:
         version = await changelog.check_schema(conn)
         lines.append(f"schema version {version}")

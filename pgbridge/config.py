@@ -26,6 +26,8 @@ class Settings:
 
     dsn: str | None = None
     """libpq connection string or URL; None means libpq's PG* variables."""
+    listen_dsn: str | None = None
+    """The listener's own connection, which LISTENs; None means :attr:`dsn`."""
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
@@ -159,8 +161,16 @@ SECRET = (
     Option("jwt_secret", str, None, f"HS256 secret client tokens are signed with (at least {MIN_SECRET_BYTES} bytes)"),
     Option("jwt_secret_file", Path, None, "file holding the HS256 secret (keeps it out of `ps` and the environment)"),
 )
+LISTEN_DSN = Option(
+    "listen_dsn",
+    str,
+    None,
+    "PostgreSQL URL or libpq string for the listener's own connection, which LISTENs: PostgreSQL itself or a "
+    "session-mode pool, never a transaction-mode one (unset: the --dsn connection)",
+)
 SERVE = (
     DSN,
+    LISTEN_DSN,
     _serve("host", str, "interface to listen on"),
     _serve("port", int, "TCP port"),
     _serve("workers", int, "processes sharing the port, each a whole bridge (SO_REUSEPORT)"),

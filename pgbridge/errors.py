@@ -50,6 +50,11 @@ class ConnectionLost(DatabaseUnavailable):
     """The listener's connection ended or stopped answering."""
 
 
+class PoolerError(PgBridgeError):
+    """The listener's connection does not receive notifications: it goes through a pooler in transaction
+    (or statement) mode, where LISTEN never works. An operator's error, like a schema error."""
+
+
 class Pruned(PgBridgeError):
     """The position to resume from is no longer in the change log (retention removed it)."""
 

@@ -25,9 +25,11 @@ from pgbridge.errors import DatabaseUnavailable, Pruned
 from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
 from pgbridge.listener import Listener
+from pgbridge.logs import OncePer
 from pgbridge.router import Router, Subscription
 
 log = logging.getLogger(__name__)
+_failing_log = OncePer(60)  # one line a minute for each reason, whichever feeds it stops
 _YIELD_EVERY = 0.005  # seconds of feeding between two yields to the event loop
 
 
@@ -135,7 +137,10 @@ class Feed:
                     self._sink.send(protocol.resync_required(collection))
                 return
             except DatabaseUnavailable as exc:
-                log.debug("catching up waits for the database: %s", exc)
+                if _failing_log(str(exc)):
+                    log.warning("a read of the change log for a client catching up failed: %s; retrying, the "
+                                "client waits meanwhile (reported once a minute)", exc,
+                                extra={"client": self.client})  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 5.0)
                 continue

@@ -69,6 +69,10 @@ class Bridge:
     """Connections closed or refused by the server, by reason."""
     catchup_reads: int = 0
     catchup_rate: Rate = field(default_factory=Rate)
+    catchup_failures: int = 0
+    """Reads of the change log for catching-up clients that failed (each is retried)."""
+    catchup_failure: tuple[str, float] | None = None
+    """The last of them: the kind of error (a class name, which names no host or role), and when (monotonic)."""
     replays: int = 0
     refreshes: Counter[str] = field(default_factory=Counter)
     snapshots: int = 0
@@ -87,7 +91,10 @@ class Bridge:
         self.history = History(s.history_bytes)
         self.listener = Listener(
             ListenerSettings(
-                s.dsn, probe_interval=s.probe_interval, probe_timeout=s.probe_timeout, poll_interval=s.poll_interval
+                s.dsn if s.listen_dsn is None else s.listen_dsn,
+                probe_interval=s.probe_interval,
+                probe_timeout=s.probe_timeout,
+                poll_interval=s.poll_interval,
             ),
             self.router.route,
             self._set_publications,
@@ -208,9 +215,14 @@ class Bridge:
     async def _with_pool(self, query: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
         """Run ``query`` for a client catching up or resuming: at most ``--max-replays`` at a time."""
         pool = self._pool()
-        with database.errors():
-            async with self.replay_slots, pool.acquire() as conn:
-                return await query(conn)
+        try:
+            with database.errors():
+                async with self.replay_slots, pool.acquire() as conn:
+                    return await query(conn)
+        except DatabaseUnavailable as exc:
+            self.catchup_failures += 1
+            self.catchup_failure = (type(exc.__cause__ or exc).__name__, time.monotonic())
+            raise
 
     @contextlib.asynccontextmanager
     async def snapshot(self, collection: str) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
@@ -266,9 +278,13 @@ class Bridge:
     async def running(self) -> AsyncIterator[None]:
         """The listener and the side tasks, for as long as the bridge serves; all stopped and awaited after."""
         s = self.settings
+        # A --dsn of a pooler in transaction mode, where asyncpg's statement cache fails, comes with a
+        # --listen-dsn of its own: the listener refuses one that receives no notifications. A bridge with one
+        # DSN keeps the cache, which saves planning each catch-up read again (2 ms of a 3 ms read of ten entries).
+        pooled = s.listen_dsn is not None and s.listen_dsn != s.dsn
         self.pool = await asyncpg.create_pool(
             s.dsn, min_size=0, max_size=s.max_replays + 2 * s.max_snapshots + 1, timeout=10,
-            server_settings={"application_name": "pgbridge"},
+            server_settings={"application_name": "pgbridge"}, **(database.POOLED if pooled else {}),
         )  # fmt: skip
         tasks = [asyncio.create_task(self.listener.run(), name="pgbridge-listener")]
         for name, run in SIDE_TASKS.items():

@@ -52,7 +52,10 @@ async def healthz(request: web.Request) -> web.Response:
         "catch_up_lag_events": bridge.catch_up_lag_events(),
         "catch_up_reads": bridge.catchup_reads,
         "catch_up_reads_per_second": bridge.catchup_rate.per_second(time.monotonic()),
+        "catch_up_read_failures": bridge.catchup_failures,
     }  # fmt: skip
+    if reads_failing and bridge.catchup_failure is not None:  # in the last minute: clients wait for it
+        body["catch_up_read_error"] = f"{bridge.catchup_failure[0]} (retried; the bridge's log says more)"
     if bridge.feeds:
         body["furthest_behind"] = bridge.furthest_behind()
     body["notification_queue_usage"] = listener.queue_usage
@@ -105,6 +108,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
                 "went over --routing-budget", bridge.router.deferred)  # fmt: skip
     out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)
+    out.counter("catch_up_read_failures_total", "change-log reads for clients catching up that failed (each is "
+                "retried; the clients wait)", bridge.catchup_failures)  # fmt: skip
     out.gauge("catching_up", "subscriptions fed from the change log, behind the live stream", len(bridge.feeds))
     out.gauge("catch_up_lag_seconds", "how far behind the furthest catching-up client is", bridge.catch_up_lag())
     out.gauge("catch_up_lag_events", "row changes the furthest catching-up client has yet to get past",

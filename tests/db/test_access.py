@@ -390,6 +390,8 @@ async def test_a_bridge_can_run_as_a_role_of_its_own(
         await subscribe(ws, "posts")
         await db.execute("INSERT INTO posts (title, secret) VALUES ('via its own role', 'x')")
         assert (await recv(ws))["data"]["title"] == "via its own role"
+    assert running.bridge.listener.ticking  # it may take the ticker lease
+    await running.stop()  # its pruner would hold the prune lease now and then
     conn = await asyncpg.connect(as_role)
     try:
         await db.execute("INSERT INTO posts (title) VALUES ('more')")

@@ -108,6 +108,23 @@ async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_lea
         await db.close()
 
 
+async def test_a_bridge_starts_while_the_queue_is_full(queue_db: str, start_bridge: Bridges) -> None:
+    """The listener's check of its connection (a NOTIFY round trip, see database.check_notifications)
+    cannot send while the queue is full: it lets the listener in, which polls."""
+    holder, sender = await _fill_queue(queue_db)
+    db = await asyncpg.connect(queue_db)
+    try:
+        running = await start_bridge(queue_db, poll_interval=0.02)
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            await db.execute("INSERT INTO posts (title) VALUES ('while full')")
+            assert [e["data"]["title"] for e in await collect(ws, 1)] == ["while full"]
+    finally:
+        await db.close()
+        await holder.close()
+        await sender.close()
+
+
 async def _health(port: int) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
         body: dict[str, Any] = await resp.json()

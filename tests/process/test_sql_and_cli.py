@@ -16,6 +16,7 @@ import asyncpg
 import jwt
 import pytest
 
+from pgbridge import changelog
 from pgbridge.migrate import migrate, migrations
 from tests.helpers import SECRET, Cluster, fresh_name, psql
 
@@ -305,12 +306,15 @@ async def test_serve_refuses_a_schema_it_cannot_read(cluster: Cluster, empty_dsn
     psql(cluster, empty_dsn, f"\\i {ROOT / 'sql' / '001_change_log.sql'}")  # what the previous release installed
     older = pgbridge("serve", "--dsn", empty_dsn, "--jwt-secret", SECRET)
     assert older.returncode == 2
-    assert "schema version 1, older than this bridge needs (3): run `pgbridge migrate`" in older.stderr
+    assert (
+        f"schema version 1, older than this bridge needs ({changelog.SCHEMA_VERSION}): run `pgbridge migrate`"
+        in older.stderr
+    )
     assert pgbridge("migrate", "--dsn", empty_dsn).returncode == 0
     conn = await asyncpg.connect(empty_dsn)
     try:
         await conn.execute(
-            """INSERT INTO pgbridge.migrations VALUES (4, '004_from_the_future');
+            """INSERT INTO pgbridge.migrations SELECT max(version) + 1, 'from_the_future' FROM pgbridge.migrations;
                CREATE OR REPLACE FUNCTION pgbridge.log_format() RETURNS integer LANGUAGE sql AS 'SELECT 3'"""
         )
     finally:
@@ -352,7 +356,7 @@ async def test_status_shows_publications_the_log_and_the_bridge(dsn: str, db: as
     done = await asyncio.to_thread(pgbridge, "status", "--dsn", dsn, "--url", "http://127.0.0.1:1")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "schema version 3" in out and "published tables: 2" in out
+    assert f"schema version {changelog.SCHEMA_VERSION}" in out and "published tables: 2" in out
     assert "users: public.users, hides pw" in out and "hits: public.hits, polled (wake => false)" in out
     assert "change log: 1 transactions" in out
     assert "bridge at http://127.0.0.1:1: not answering" in out
