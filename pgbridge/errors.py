@@ -61,3 +61,28 @@ class Pruned(PgBridgeError):
 
 class DecodeError(PgBridgeError):
     """A change-log entry did not have the shape the triggers write."""
+
+
+class ClientError(PgBridgeError):
+    """:mod:`pgbridge.client` cannot go on: retrying would not help. The message says why."""
+
+
+class TokenRefused(ClientError):
+    """The server refused the client's token, and no token from ``get_token`` was accepted either.
+
+    ``reason`` is the server's text: a close reason (``Authentication failed``, ``Token expired``, ...) or
+    a refused refresh's error."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SubscriptionRefused(ClientError):
+    """The server refused a subscription (a collection not allowed, a malformed filter, ...), or ended it
+    (a refreshed token no longer allows it). ``text`` is the server's error text."""
+
+    def __init__(self, text: str, collection: str) -> None:
+        super().__init__(f"{collection}: {text}")
+        self.text = text
+        self.collection = collection

@@ -81,7 +81,8 @@ class Feed:
         self.done = done
         """Every row up to this position is delivered (or was not for these subscriptions)."""
         self._queue: deque[Change] = deque()
-        self._after = (done[0], done[1] - 1)  # read the change log after this (tick, id): done's change is next
+        # Read the change log after this (tick, id): done's change is next, unless done is all of its tick.
+        self._after = done[:2] if done[1] == MAX_ID else (done[0], done[1] - 1)
         if first is not None:
             self._queue.append(first)
             self._after = (first.tick, first.change_id)
@@ -168,8 +169,8 @@ class Feed:
         pending = self._history.count(max(self._after, base), head, self.collections)
         if self._after < base:
             pending += await self._reader.count(self._after, base, self.collections)
-        # The rows of done's own change up to done were delivered before.
-        self._passed = routed - pending + self.done[2] + 1
+        # The rows of done's own change up to done were delivered before (none when done is a whole tick).
+        self._passed = routed - pending + (0 if self.done[1] == MAX_ID else self.done[2] + 1)
 
     def _fetch(self, head: Position) -> None:
         changes = self._history.after(self._after, PAGE, self.collections)

@@ -40,7 +40,8 @@ async def healthz(request: web.Request) -> web.Response:
     failed = {name: error for name, (error, when) in bridge.task_failures.items() if time.monotonic() - when < 300}
     crowded = listener.queue_usage >= bridge.settings.queue_warning
     uncaptured = len(bridge.capture_problems)
-    degraded = failed or crowded or uncaptured
+    reads_failing = bridge.catchup_failure is not None and time.monotonic() - bridge.catchup_failure[1] < 60
+    degraded = failed or crowded or uncaptured or reads_failing
     body: dict[str, object] = {
         "status": "unavailable" if not listener.connected else "degraded" if degraded else "ok",
         "database": "connected" if listener.connected else "unavailable (the bridge's log says why)",
@@ -190,6 +191,19 @@ def _quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     return lambda: loop.set_exception_handler(default)
 
 
+def _client_module() -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /client.js``: the JavaScript client (``pgbridge/static/client``, also an npm package), served
+    so that ``import { connect } from "http://<bridge>/client.js"`` works from a page of another origin."""
+    body = resources.files("pgbridge").joinpath("static", "client", "client.js").read_bytes()
+
+    async def serve(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                   **sse.cors_headers(request, request.app[BRIDGE].settings.cors_origins)}  # fmt: skip
+        return web.Response(body=body, content_type="text/javascript", charset="utf-8", headers=headers)
+
+    return serve
+
+
 async def _background(app: web.Application) -> AsyncIterator[None]:
     restore = _quiet_accept_errors(asyncio.get_running_loop())
     try:
@@ -244,6 +258,7 @@ def create_app(settings: Settings, tokens: TokenPolicy) -> web.Application:
     app.router.add_get("/metrics", metrics_endpoint)
     for path in _PAGES:
         app.router.add_get(path, _page(path))
+    app.router.add_get("/client.js", _client_module())
     app.cleanup_ctx.append(_background)
     app.on_shutdown.append(_close_clients)
     return app

@@ -1,16 +1,15 @@
-// The pgbridge inspector: a client of the public realtime protocol, nothing more.
+// The pgbridge inspector: a page on the bridge's own JavaScript client (/client.js), nothing more. The
+// client reconnects, resumes after the last event and refuses duplicates; this page only shows.
 // Row values are untrusted: everything is rendered with textContent, never as HTML.
-"use strict";
+import { connect } from "/client.js";
 
 const MAX_ROWS = 1000; // older rows leave the table, newest first
 const $ = (id) => document.getElementById(id);
 const body = document.querySelector("#events tbody");
 
-let socket = null;
-let wanted = false; // the user asked to be connected: reconnect when the connection drops
-let lastId = null; // id of the last event received: what a reconnect resumes from
-let retry = 0;
-let retryTimer = null;
+let client = null;
+let subscription = null;
+let resumeFrom = null; // the position the subscription had when its connection dropped
 let received = 0;
 
 function setState(state, text) {
@@ -53,23 +52,114 @@ function notice(text, problem) {
 }
 
 function pretty(value) {
-  return value === undefined ? "" : JSON.stringify(value, null, 2);
+  return value == null ? "" : JSON.stringify(value, null, 2);
 }
 
-function showEvent(message) {
+/** A change or a snapshot row. */
+function showRow(event) {
   received += 1;
   $("counts").textContent = received + (received === 1 ? " event" : " events");
-  const operation = message.type.slice(message.type.lastIndexOf(".") + 1);
-  addRow(operation, (row) => {
+  addRow(event.op, (row) => {
     cell(row, String(received));
-    cell(row, message.type);
-    cell(row, message.timestamp || "");
-    cell(row, message.id || "");
-    cell(row, pretty(message.data), true);
-    const old = cell(row, pretty(message.old), true);
-    if (operation === "update") old.className = "changed";
+    cell(row, event.collection + "." + event.op);
+    cell(row, event.timestamp || "");
+    cell(row, event.id || "");
+    cell(row, pretty(event.data), true);
+    const old = cell(row, pretty(event.old), true);
+    if (event.op === "update") old.className = "changed";
   });
-  if (message.id) lastId = message.id;
+}
+
+function onEvent(event) {
+  switch (event.type) {
+    case "change":
+    case "snapshot":
+      return showRow(event);
+    case "snapshot_start":
+      return notice("Snapshot of " + event.collection + ": its rows as they are now");
+    case "snapshot_end":
+      return notice("End of the snapshot (at " + event.id + "); changes after it follow");
+    case "resync_required":
+      return notice("Resync required for " + event.collection + ": its changes were truncated or left the log", true);
+    case "error":
+      notice("Error: " + event.error, true);
+      return say("The server refused the subscription: " + event.error);
+  }
+}
+
+function onState(state, detail) {
+  if (state === "connecting") {
+    setState("connecting", "connecting…");
+  } else if (state === "live") {
+    setState("live", "live");
+    const resumed = resumeFrom ? ", resuming after " + resumeFrom : "";
+    notice("Subscribed to " + subscription.collection + resumed);
+    say("");
+  } else if (state === "reconnecting") {
+    reconnecting(detail);
+  } else if (state === "closed") {
+    closed(detail);
+  }
+}
+
+function reconnecting(detail) {
+  if ($("state").dataset.state !== "reconnecting") {
+    resumeFrom = subscription.lastId;
+    const why = detail.code ? detail.code + " " + (detail.reason || "no reason given") : detail.reason || "no answer";
+    notice("Connection lost (" + why + "); reconnecting" + (resumeFrom ? " to resume after " + resumeFrom : ""));
+  }
+  const wait = detail.delay === undefined ? "…" : " in " + (detail.delay / 1000).toFixed(1) + " s";
+  setState("reconnecting", "reconnecting" + wait);
+  if (detail.retryAfter) say("The server is at its connection limit; it asked to wait " + detail.retryAfter + " s.");
+}
+
+function closed(detail) {
+  client = null;
+  buttons();
+  if (detail.code === 1000 && detail.reason === "Closed by the client") {
+    setState("idle", "not connected");
+    return;
+  }
+  // A token refused twice, or a refusal that retrying cannot help: the client gave up.
+  const reason = detail.reason || "no reason given";
+  setState("closed", "closed: " + reason);
+  say("The server closed the connection (" + detail.code + " " + reason + "). Check the token, then connect again.");
+}
+
+function buttons() {
+  $("connect").disabled = client !== null;
+  $("disconnect").disabled = client === null;
+}
+
+function options() {
+  const wanted = { operations: [...document.querySelectorAll("#operations input:checked")].map((box) => box.value) };
+  const filter = $("filter").value.trim();
+  if (filter) wanted.filter = JSON.parse(filter);
+  const since = $("since").value.trim();
+  if (since) wanted.since = since;
+  if ($("snapshot").checked) wanted.snapshot = true;
+  return wanted;
+}
+
+function start() {
+  let wanted;
+  try {
+    wanted = options();
+  } catch (error) {
+    say("The filter is not valid JSON: " + error.message);
+    return;
+  }
+  client?.close();
+  resumeFrom = null;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  // The client sends the token as a subprotocol, which keeps it out of URLs and logs.
+  client = connect(scheme + "//" + location.host + "/api/v1/realtime/ws", { token: $("token").value.trim() });
+  subscription = client.subscribe($("collection").value.trim(), wanted, onEvent);
+  client.onState(onState);
+  client.onHeartbeat((timestamp) => {
+    $("heartbeat").textContent = "heartbeat " + new Date(timestamp).toLocaleTimeString();
+  });
+  buttons();
 }
 
 function claimedCollections(token) {
@@ -95,111 +185,12 @@ function fillCollections() {
   }
 }
 
-function subscription() {
-  const message = { action: "subscribe", collection: $("collection").value.trim() };
-  message.operations = [...document.querySelectorAll("#operations input:checked")].map((box) => box.value);
-  const filter = $("filter").value.trim();
-  if (filter) message.filter = JSON.parse(filter);
-  const since = lastId || $("since").value.trim();
-  if (since) message.since = since;
-  return message;
-}
-
-function open() {
-  clearTimeout(retryTimer);
-  let message;
-  try {
-    message = subscription();
-  } catch (error) {
-    say("The filter is not valid JSON: " + error.message);
-    return;
-  }
-  const token = $("token").value.trim();
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  // The token travels as a subprotocol, which keeps it out of URLs and logs.
-  socket = new WebSocket(scheme + "//" + location.host + "/api/v1/realtime/ws", ["bearer", token]);
-  const current = socket;
-  setState(retry ? "reconnecting" : "connecting", retry ? "reconnecting…" : "connecting…");
-  current.onopen = () => {
-    current.send(JSON.stringify(message));
-  };
-  current.onmessage = (event) => {
-    let data;
-    try {
-      data = JSON.parse(event.data);
-    } catch (error) {
-      notice("A frame that is not JSON: " + String(event.data).slice(0, 200), true);
-      return;
-    }
-    handle(data, message);
-  };
-  current.onclose = (event) => closed(current, event);
-}
-
-function handle(data, message) {
-  if (data.error) {
-    notice("Error: " + data.error, true);
-  } else if (data.type === "subscribed") {
-    retry = 0;
-    setState("live", "live");
-    const resumed = message.since ? ", resuming after " + message.since : "";
-    notice("Subscribed to " + data.collection + resumed);
-    say("");
-  } else if (data.type === "heartbeat") {
-    $("heartbeat").textContent = "heartbeat " + new Date(data.timestamp).toLocaleTimeString();
-  } else if (data.type === "resync_required") {
-    notice("Resync required for " + data.collection + ": changes were truncated or left the change log", true);
-    if (data.id) lastId = data.id;
-  } else if (typeof data.type === "string" && data.type.includes(".")) {
-    showEvent(data);
-  }
-}
-
-function closed(current, event) {
-  if (socket !== current) return;
-  socket = null;
-  const reason = event.reason || "no reason given";
-  if (!wanted) {
-    setState("idle", "not connected");
-    return;
-  }
-  // Authentication problems and refused frames do not go away by retrying.
-  if (event.code === 1008 || event.code === 1002 || event.code === 1009) {
-    wanted = false;
-    setState("closed", "closed: " + reason);
-    say("The server closed the connection (" + event.code + " " + reason + "). Check the token, then connect again.");
-    buttons();
-    return;
-  }
-  retry += 1;
-  const delay = Math.min(5000, 250 * 2 ** retry);
-  setState("reconnecting", "reconnecting in " + (delay / 1000).toFixed(1) + " s");
-  notice("Connection lost (" + event.code + " " + reason + "); reconnecting" + (lastId ? " to resume after " + lastId : ""));
-  retryTimer = setTimeout(open, delay);
-}
-
-function buttons() {
-  $("connect").disabled = wanted;
-  $("disconnect").disabled = !wanted;
-}
-
 $("settings").addEventListener("submit", (event) => {
   event.preventDefault();
-  if (socket) socket.close(1000);
-  wanted = true;
-  retry = 0;
-  lastId = null;
-  buttons();
-  open();
+  start();
 });
 
-$("disconnect").addEventListener("click", () => {
-  wanted = false;
-  clearTimeout(retryTimer);
-  buttons();
-  if (socket) socket.close(1000);
-  setState("idle", "not connected");
-});
+$("disconnect").addEventListener("click", () => client?.close());
 
 $("clear").addEventListener("click", () => {
   body.replaceChildren();
@@ -209,10 +200,16 @@ $("clear").addEventListener("click", () => {
 
 $("token").addEventListener("change", fillCollections);
 
-// `pgbridge dev` links here with #token=…&collection=…: fill the form in and connect.
+// `pgbridge dev` links here with #token=…&collection=…: fill the form in and connect. The token then
+// leaves the address bar (and the history), so that it is not shared along with the page's address.
 const given = new URLSearchParams(location.hash.slice(1));
 for (const field of ["token", "collection", "filter", "since"]) {
   if (given.has(field)) $(field).value = given.get(field);
 }
+if (given.has("token")) {
+  const rest = new URLSearchParams(given);
+  rest.delete("token");
+  history.replaceState(history.state, "", location.pathname + location.search + (rest.size ? "#" + rest : ""));
+}
 fillCollections();
-if (given.has("token") && given.has("collection")) $("connect").click();
+if (given.has("token") && given.has("collection")) start();

@@ -17,9 +17,11 @@ import pytest
 import websockets
 
 from pgbridge import changelog
+from pgbridge.client import Client
 from pgbridge.errors import Pruned
 from pgbridge.events import MAX_ID
 from pgbridge.migrate import migrate
+from pgbridge.protocol import WS_PATH
 from tests.helpers import (
     Cluster,
     Ledger,
@@ -269,29 +271,41 @@ async def test_bridge_killed_with_sigkill_loses_nothing_for_resuming_clients(
     dsn: str, db: asyncpg.Connection, bridge_process: Processes
 ) -> None:
     await db.execute(POSTS)
-    port = free_port()
+    port = free_port()  # the second bridge listens where the first did: the client reconnects to it
     ledger, stop = Ledger(), asyncio.Event()
     first = bridge_process(dsn, port)
     await first.ready()
     writers = [asyncio.create_task(write_for(dsn, stop, i)) for i in range(2)]
-    async with websockets.connect(first.url(token()), max_size=None) as ws:
-        await subscribe(ws, "posts")
-        for _ in range(30):
-            ledger.add([await recv(ws)])
+
+    async def committed(at_least: int) -> bool:
+        return bool(await db.fetchval("SELECT count(*) FROM posts") >= at_least)
+
+    async with Client(f"ws://127.0.0.1:{port}{WS_PATH}", token=token(), base_delay=0.05, max_delay=0.5) as client:
+        posts = client.subscribe("posts")
+
+        async def receive() -> None:
+            async for event in posts:
+                ledger.add([{"type": f"{event.collection}.{event.op}", "id": event.id, "data": event.data}])
+
+        reader = asyncio.create_task(receive())
+        await wait_for(lambda: len(ledger.received) >= 30, what="events from the first bridge")
         first.proc.kill()
-        with pytest.raises(websockets.ConnectionClosed):
-            while True:
-                ledger.add([await recv(ws)])
-    await asyncio.sleep(0.5)  # writes continue while no bridge runs
-    second = bridge_process(dsn, port)
-    await second.ready()
-    async with websockets.connect(second.url(token()), max_size=None) as ws:
-        await subscribe(ws, "posts", since=ledger.received[-1]["id"])
-        await asyncio.sleep(1)  # and while the client resumes: the replay meets live writes
+        await asyncio.to_thread(first.proc.wait)
+        rows = await db.fetchval("SELECT count(*) FROM posts")
+        await wait_for(lambda: committed(rows + 20), what="writes while no bridge runs")
+        second = bridge_process(dsn, port)
+        await second.ready()
+        await wait_for(lambda: client.connections == 2, what="the client to resume on the second bridge")
+        received = len(ledger.received)
+        # and while the client resumes: the replay meets live writes
+        await wait_for(lambda: len(ledger.received) >= received + 30, what="events from the second bridge")
         stop.set()
         await asyncio.gather(*writers)
-        ledger.add(await until_quiet(ws))
+        rows = await db.fetchval("SELECT count(*) FROM posts")
+        await wait_for(lambda: len(ledger.received) >= rows, what=f"the {rows} rows committed to arrive")
+    await reader  # the client's close ended its subscription
     await ledger.verify(db, "posts")
+    assert posts.dropped == 0, "a bridge sent an event again: the client's guard dropped it"
 
 
 async def test_sigterm_closes_clients_with_1001_and_exits_0(

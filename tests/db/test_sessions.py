@@ -132,28 +132,26 @@ async def test_a_slow_reader_of_a_large_snapshot_is_paced_and_one_that_stops_is_
     limit = 64 * 1024
     running = await start_bridge(dsn, outbound_limit=limit, stall_timeout=1.0)
     peak = 0
-    sampling = True
+    async with running.connect(max_queue=4) as ws:
+        await wait_for(lambda: running.bridge.sessions, what="the session")
+        (session,) = running.bridge.sessions
+        measure = session.transport.buffered
 
-    async def sample() -> None:
-        nonlocal peak
-        while sampling:
-            for session in running.bridge.sessions:
-                peak = max(peak, session.transport.buffered())
-            await asyncio.sleep(0.005)
+        def watched() -> int:  # what the session sees each time it decides whether to write more
+            nonlocal peak
+            peak = max(peak, found := measure())
+            return found
 
-    sampler = asyncio.create_task(sample())
-    try:
-        async with running.connect(max_queue=4) as ws:
-            await subscribe(ws, "items", snapshot=True)
-            received = 0
-            while (message := await recv(ws))["type"] == "items.snapshot":
-                received += 1
-                if received % 20 == 0:
-                    await asyncio.sleep(0.01)  # a reader slower than the server
-            assert message["type"] == "snapshot_end" and received == 4000
-    finally:
-        sampling = False
-        await sampler
+        session.transport.buffered = watched  # type: ignore[method-assign]
+        await subscribe(ws, "items", snapshot=True)
+        received = 0
+        while (message := await recv(ws))["type"] == "items.snapshot":
+            received += 1
+            if received == 50:  # a reader that pauses: what waits fills the socket, then the server's buffer
+                await wait_for(lambda: peak > 0, what="the server to have data waiting for the client")
+            elif received % 20 == 0:
+                await asyncio.sleep(0.01)  # a reader slower than the server
+        assert message["type"] == "snapshot_end" and received == 4000
     assert running.bridge.closed["Slow consumer"] == 0
     assert 0 < peak <= limit  # the snapshot never waited in memory beyond the client's budget
     async with running.connect(max_queue=1) as stopped:
@@ -303,4 +301,22 @@ async def test_a_narrower_refreshed_grant_ends_the_subscriptions_it_no_longer_al
         assert (await recv(ws))["type"] == "refreshed"
         await db.execute("INSERT INTO posts (title) VALUES ('no longer'); INSERT INTO notes VALUES (1)")
         assert (await recv(ws))["data"] == {"id": 1}
+        await assert_silent(ws, 0.3)
+
+
+async def test_a_snapshot_and_a_resume_from_its_end_on_a_change_log_with_no_change_yet_need_no_resync(
+    dsn: str, db: asyncpg.Connection, posts: str, start_bridge: Bridges
+) -> None:
+    running = await start_bridge(dsn)
+    assert await db.fetchval("SELECT count(*) FROM pgbridge.changes") == 0
+    async with running.connect() as ws:
+        await subscribe(ws, "posts", snapshot=True)
+        end = await recv(ws)
+        assert end["type"] == "snapshot_end" and end["id"] is not None, end
+        await db.execute("INSERT INTO posts (title) VALUES ('first')")
+        first = await recv(ws)  # nothing was lost: no resync_required comes before it
+        assert first["type"] == "posts.create" and first["data"]["title"] == "first", first
+    async with running.connect() as ws:
+        await subscribe(ws, "posts", since=end["id"])
+        assert await recv(ws) == first
         await assert_silent(ws, 0.3)

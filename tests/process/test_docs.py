@@ -1,12 +1,22 @@
-"""``docs/``: every code block is run against a real bridge, and the reference matches the code.
+"""``docs/`` and the README: every code block is run against a real bridge, and the reference matches
+the code.
 
 Blocks are fenced with a language and, where running them needs more than running them, a role:
 ``sh`` runs in bash (``sh server`` starts a server and stops it once healthy, ``sh install`` installs
-into a temporary directory, ``sh env-file`` is a systemd environment file), ``sql`` runs in psql, ``json``
-must parse (client messages must be valid ones), ``ini`` is the systemd unit (its command runs with the
-environment file), ``haproxy`` runs as a TLS proxy in front of a bridge, and ``javascript client`` /
-``python client`` run in Chromium / Python and must print a row inserted meanwhile. The address
-``127.0.0.1:8000`` and ``YOUR_TOKEN`` are replaced by the test bridge's.
+into a temporary directory, ``sh env-file`` is a systemd environment file, ``sh interactive`` is a
+WebSocket client typed into), ``sql`` runs in psql, ``json`` must parse (client messages must be valid
+ones), ``ini`` is the systemd unit (its command runs with the environment file), ``haproxy`` runs as a
+TLS proxy in front of a bridge, and ``javascript client`` / ``html client`` / ``python client`` run in
+Chromium (a classic script of a ``file://`` page / a page served from another origin than the bridge's)
+/ Python and must print ``subscribed to posts``, then the row inserted meanwhile as ``posts.create {…}``.
+The address ``127.0.0.1:8000`` and the tokens ``YOUR_TOKEN`` and ``PASTE_TOKEN`` are replaced by the
+test bridge's.
+
+Two kinds are checked but not run, because they need what a test cannot give them: ``sh make`` (the
+Makefile's targets, which set up ``.venv``, serve until stopped or run this suite: each must be one of
+the Makefile's) and ``sh own-database`` (the reader's own database and secret: each ``pgbridge`` command
+must parse and each exported variable be one pgbridge reads). ``text`` is a figure or what a program
+prints, and is not run.
 """
 
 from __future__ import annotations
@@ -17,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import ssl
 import sys
@@ -30,26 +39,26 @@ import aiohttp
 import asyncpg
 import pytest
 import websockets
+from aiohttp import web
 
 from pgbridge import config, protocol
 from pgbridge.cli import _parser
 from tests.browser.chromium import Browser, needs_chromium
 from tests.helpers import SECRET, Cluster, RunningBridge, free_port, healthy, token, wait_for
+from tests.process.haproxy import HAPROXY, needs_haproxy
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
-PAGES = sorted(p.name for p in DOCS.glob("*.md"))
-FENCE = re.compile(r"^```(\S*)[ \t]*(\S*)\n(.*?)^```", re.M | re.S)
-KNOWN = {("sh", ""), ("sh", "server"), ("sh", "install"), ("sh", "env-file"), ("sql", ""), ("json", ""), ("ini", ""),
-         ("haproxy", ""), ("javascript", "client"), ("python", "client")}  # fmt: skip
+PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in DOCS.glob("*.md"))]
+FENCE = re.compile(r"^([ \t]*)```(\S*)[ \t]*(\S*)\n(.*?)^\1```", re.M | re.S)  # also in a list item, indented
+KNOWN = {("sh", ""), ("sh", "server"), ("sh", "install"), ("sh", "env-file"), ("sh", "interactive"), ("sh", "make"),
+         ("sh", "own-database"), ("sql", ""), ("json", ""), ("ini", ""), ("haproxy", ""), ("javascript", "client"),
+         ("html", "client"), ("python", "client"), ("text", ""), ("ini", "pgbouncer")}  # fmt: skip
 VARIABLES = {o.variable for options in (config.LOGGING, *config.COMMANDS.values()) for o in options}
-HAPROXY = shutil.which("haproxy")
-needs_haproxy = pytest.mark.skipif(
-    HAPROXY is None and not os.environ.get("CI"), reason="haproxy is not installed (.ci/run installs it)"
-)
+TOKENS = ("YOUR_TOKEN", "PASTE_TOKEN")
 
 
 @dataclass(frozen=True)
@@ -61,19 +70,31 @@ class Block:
     line: int
 
     def __str__(self) -> str:
-        return f"docs/{self.page}:{self.line} ({self.lang} {self.role})".replace(" )", ")")
+        return f"{self.page}:{self.line} ({self.lang} {self.role})".replace(" )", ")")
 
 
 def blocks(page: str) -> list[Block]:
-    text = (DOCS / page).read_text()
-    return [Block(page, m[1], m[2], m[3], text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
+    """The code blocks of ``page`` (a path from the repository's root), each without its indentation."""
+    text = (ROOT / page).read_text()
+    found = []
+    for m in FENCE.finditer(text):
+        indent, body = m[1], m[4]
+        lines = body.splitlines(keepends=True)
+        assert all(line.startswith(indent) or not line.strip() for line in lines), f"{page}: a block's indentation"
+        body = "".join(line.removeprefix(indent) for line in lines)
+        found.append(Block(page, m[2], m[3], body, text.count("\n", 0, m.start()) + 1))
+    return found
 
 
 def test_every_block_is_one_the_tests_run() -> None:
     found = [b for page in PAGES for b in blocks(page)]
     assert len(found) > 20
     assert [str(b) for b in found if (b.lang, b.role) not in KNOWN] == []
-    assert {"protocol.md", "configuration.md", "deployment.md", "security.md", "troubleshooting.md"} <= set(PAGES)
+    pages = {"README.md", "docs/protocol.md", "docs/clients.md", "docs/configuration.md", "docs/deployment.md",
+             "docs/security.md", "docs/troubleshooting.md"}  # fmt: skip
+    assert pages <= set(PAGES)
+    in_readme = {(b.lang, b.role) for b in blocks("README.md")}
+    assert {("html", "client"), ("python", "client"), ("sh", "interactive"), ("json", "")} <= in_readme
 
 
 # -- the configuration reference ------------------------------------------------------------------------------
@@ -134,7 +155,7 @@ def test_troubleshooting_quotes_what_the_programs_say() -> None:
 
 
 async def test_every_metric_the_docs_name_is_served(dsn: str, posts: str, start_bridge: Bridges) -> None:
-    named = {n for page in PAGES for n in re.findall(r"\bpgbridge_[a-z_]+", (DOCS / page).read_text())}
+    named = {n for page in PAGES for n in re.findall(r"\bpgbridge_[a-z_]+", (ROOT / page).read_text())}
     running = await start_bridge(dsn, stats_interval=0.1)
     await wait_for(lambda: running.bridge.stats is not None, what="the change-log figures")
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{running.port}/metrics") as resp:
@@ -164,7 +185,9 @@ class Page:
 
     def local(self, text: str) -> str:
         text = text.replace("127.0.0.1:8000", f"127.0.0.1:{self.bridge.port}")
-        return text.replace("YOUR_TOKEN", token(collections=["posts"]))
+        for placeholder in TOKENS:
+            text = text.replace(placeholder, token(collections=["posts"]))
+        return text
 
     async def shell(self, script: str, *, timeout: float = 120) -> str:
         proc = await asyncio.create_subprocess_exec(
@@ -209,6 +232,12 @@ async def run_block(page: Page, block: Block) -> None:
         page.installed = page.tmp / "opt-pgbridge"
         script = text.replace("/opt/pgbridge", str(page.installed)).replace("./pgbridge", str(ROOT))
         await page.shell(script, timeout=300)
+    elif kind == ("sh", "interactive"):
+        await run_interactive(page, text)
+    elif kind == ("sh", "make"):
+        check_make(text)
+    elif kind == ("sh", "own-database"):
+        check_own_database(text)
     elif kind == ("sh", "env-file"):
         lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
         page.env_file = dict(line.split("=", 1) for line in lines)
@@ -226,10 +255,71 @@ async def run_block(page: Page, block: Block) -> None:
         await run_haproxy(page, text)
     elif kind == ("javascript", "client"):
         await run_javascript(page, text)
+    elif kind == ("html", "client"):
+        await run_html(page, text)
     elif kind == ("python", "client"):
         await run_python(page, text)
+    elif kind == ("text", ""):
+        pass
+    elif kind == ("ini", "pgbouncer"):
+        pass  # tests/process/test_pgbouncer.py runs PgBouncer with it
     else:
         raise AssertionError(f"{block}: no test runs this kind of block")
+
+
+def check_make(text: str) -> None:
+    """Each line is ``make <target>``, with a comment or not, and the Makefile has that target."""
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    commands = [shlex.split(line, comments=True) for line in text.splitlines()]
+    assert commands and all(len(argv) == 2 and argv[0] == "make" for argv in commands), text
+    assert sorted({argv[1] for argv in commands} - targets) == []
+
+
+def check_own_database(text: str) -> None:
+    """Each exported variable is one pgbridge reads, and each ``pgbridge`` command parses."""
+    commands = [shlex.split(line, comments=True) for line in text.splitlines()]
+    assert commands and all(argv and argv[0] in ("export", "pgbridge") for argv in commands), text
+    for argv in commands:
+        if argv[0] == "export":
+            name = argv[1].split("=", 1)[0]
+            assert name in VARIABLES | {"DATABASE_URL"}, name
+        else:
+            _parser().parse_args(argv[1:])  # exits, failing the test, on a command or flag that does not exist
+
+
+async def run_interactive(page: Page, text: str) -> None:
+    """The interactive WebSocket client, typed into as a reader would: it subscribes, and a row inserted
+    meanwhile is printed."""
+    script = text.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-euo", "pipefail", "-c", script, cwd=page.tmp, env=page.env,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    printed = b""
+
+    async def until(wanted: bytes) -> None:
+        nonlocal printed
+        async with asyncio.timeout(20):
+            while wanted not in printed:
+                chunk = await proc.stdout.read(4096)  # type: ignore[union-attr]
+                assert chunk, printed.decode()
+                printed += chunk
+
+    try:
+        await until(b"Connected to ")
+        proc.stdin.write(b'{"action": "subscribe", "collection": "posts"}\n')
+        await until(b'< {"status":"subscribed","type":"subscribed","collection":"posts"')
+        await page.insert("from the interactive client")
+        await until(b"from the interactive client")
+        assert b'< {"type":"posts.create"' in printed, printed.decode()
+        proc.stdin.close()  # end of input: the client closes the connection and exits
+        async with asyncio.timeout(20):
+            assert await proc.wait() == 0, printed.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def run_unit(page: Page, text: str) -> None:
@@ -288,13 +378,39 @@ async def run_haproxy(page: Page, text: str) -> None:
 
 
 async def run_javascript(page: Page, text: str) -> None:
+    """A classic script of a ``file://`` page."""
     html = page.tmp / "client.html"
     html.write_text(f"<!doctype html><script>{text}</script>")
+    await run_in_chromium(page, html.as_uri(), "from the javascript example")
+
+
+async def run_html(page: Page, text: str) -> None:
+    """The page itself (a module script importing the bridge's ``/client.js``), served over HTTP from
+    another origin than the bridge's, as an application's pages usually are."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=f"<!doctype html>\n{text}", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        assert port != page.bridge.port
+        await run_in_chromium(page, f"http://127.0.0.1:{port}/", "from the html example")
+    finally:
+        await runner.cleanup()
+
+
+async def run_in_chromium(page: Page, url: str, title: str) -> None:
     async with Browser(page.tmp / "profile") as browser:
-        await browser.goto(html.as_uri())
+        await browser.goto(url)
         await browser.until_console(lambda line: line == "subscribed to posts")
-        await page.insert("from the javascript example")
-        await browser.until_console(lambda line: line.startswith("posts.create") and "javascript example" in line)
+        await page.insert(title)
+        await browser.until_console(lambda line: line.startswith("posts.create {") and title in line)
         assert browser.errors == [] and not any("error" in line for line in browser.console)
 
 
@@ -302,7 +418,8 @@ async def run_python(page: Page, text: str) -> None:
     script = page.tmp / "client.py"
     script.write_text(text)
     proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT, env=page.env)  # fmt: skip
+                                                stderr=asyncio.subprocess.STDOUT,
+                                                env={**page.env, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     assert proc.stdout is not None
     printed: list[str] = []
 
@@ -316,8 +433,8 @@ async def run_python(page: Page, text: str) -> None:
     try:
         await until("subscribed to posts")
         await page.insert("from the python example")
-        await until('posts.create {"id"')
-        assert any("from the python example" in line for line in printed)
+        await until("from the python example")
+        assert any(line.startswith("posts.create {") and "from the python example" in line for line in printed)
     finally:
         proc.kill()
         await proc.wait()
@@ -325,7 +442,7 @@ async def run_python(page: Page, text: str) -> None:
 
 def _needs(page: str) -> Iterator[Any]:
     kinds = {(b.lang, b.role) for b in blocks(page)}
-    if ("javascript", "client") in kinds:
+    if kinds & {("javascript", "client"), ("html", "client")}:
         yield needs_chromium
     if ("haproxy", "") in kinds:
         yield needs_haproxy
