@@ -27,7 +27,20 @@ version (what ``make test`` runs, to keep the benchmark working).
      (p99) while heartbeats go out every second;
    - filters: 10,000 subscriptions with distinct filters (equalities, ``in``, ranges) at 5,000 changes
      per second, p99 commit to receive; and routing cost per change with 10,000 distinct filters vs. 100,
-     and with 10,000 tenants vs. one.
+     and with 10,000 tenants vs. one;
+   - snapshot: a ``"snapshot": true`` subscription of a 1,000,000-row table, rows per second from its
+     confirmation to the last row vs. asyncpg's ``copy_from_query`` of the same rows as JSON, and the
+     bridge's peak RSS meanwhile vs. its RSS before;
+   - SSE: the fan-out ceiling over Server-Sent Events vs. over WebSockets with the same 500 subscribers
+     (``tests/bench/sse_client.py``: bare HTTP/1.1 streams that count events), and the memory per idle
+     subscribed SSE stream vs. per idle WebSocket;
+   - flood: 1,000,000 ``pg_notify`` on the channel ``pgbridge`` (and on a few other names) from a role
+     with no grants, the slowest ``/healthz`` answer and marker row meanwhile vs. without the flood, on
+     asyncio and on uvloop;
+   - broad filters: five subjects at their connection cap with filters that defeat the routing index, an
+     honest client's delay for a 100-row INSERT vs. without them.
+
+``PGBRIDGE_BENCH_ONLY=snapshot,flood`` runs only the sections named (their names are printed after each).
 """
 
 from __future__ import annotations
@@ -65,6 +78,7 @@ from pgbridge.router import Router, Subscription, tenant_key
 from tests.helpers import BridgeProcess, Cluster, free_port, healthy, token, wait_for
 
 QUICK = bool(os.environ.get("PGBRIDGE_BENCH_QUICK"))
+ONLY = {name.strip() for name in os.environ.get("PGBRIDGE_BENCH_ONLY", "").split(",") if name.strip()}
 ROUNDS = 1 if QUICK else 3
 WRITE_SECONDS = 1 if QUICK else 3
 WRITERS = (1, 4) if QUICK else (1, 4, 16, 64)
@@ -363,16 +377,18 @@ class Fleet:
         self.procs: list[asyncio.subprocess.Process] = []
 
     async def open(
-        self, url: str, count: int, subscribe: str = SUBSCRIBE, first: int = 0, sample: int = 0, connections: int = 1
-    ) -> None:
+        self, url: str, count: int, subscribe: str = SUBSCRIBE, first: int = 0, sample: int = 0, connections: int = 1,
+        counting: str = '{"type":"posts.',
+    ) -> None:  # fmt: skip
         """Open ``count`` connections; record receive times of every ``sample``-th row on every
-        ``connections``-th connection (0: none)."""
+        ``connections``-th connection (0: none). The frames counted are those that start with ``counting``."""
         started = []
         for offset in range(0, count, 5000):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.bench.client", url, str(min(5000, count - offset)), str(first + offset),
                 subscribe, stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=1 << 30,
-                env={**os.environ, "PGBRIDGE_SAMPLE": str(sample), "PGBRIDGE_SAMPLE_CONNECTIONS": str(connections)},
+                env={**os.environ, "PGBRIDGE_SAMPLE": str(sample), "PGBRIDGE_SAMPLE_CONNECTIONS": str(connections),
+                     "PGBRIDGE_COUNT": counting},
             )  # fmt: skip
             started.append(proc)
         for proc in started:
@@ -381,15 +397,21 @@ class Fleet:
             assert line == b"ready\n", line
         self.procs += started
 
-    async def report(self) -> tuple[list[int], dict[int, list[float]]]:
-        frames: list[int] = []
-        received: dict[int, list[float]] = {}
+    async def reports(self) -> list[dict[str, Any]]:
+        """What each client process reports (see tests/bench/client.py)."""
         for proc in self.procs:
             assert proc.stdin is not None and proc.stdout is not None
             proc.stdin.write(b"report\n")
+        found = []
         for proc in self.procs:
             assert proc.stdout is not None
-            report = orjson.loads(await proc.stdout.readline())
+            found.append(orjson.loads(await proc.stdout.readline()))
+        return found
+
+    async def report(self) -> tuple[list[int], dict[int, list[float]]]:
+        frames: list[int] = []
+        received: dict[int, list[float]] = {}
+        for report in await self.reports():
             frames += report["frames"]
             for row, times in report["received"].items():
                 received.setdefault(int(row), []).extend(times)
@@ -671,6 +693,335 @@ def routing_cost(count: int, *, tenants: bool = False) -> Result:
                   f"{count:,} {what} us", timings[1], "cost follows matches, not subscriptions: ratio ~1")  # fmt: skip
 
 
+SNAPSHOT_TABLE = """
+CREATE TABLE IF NOT EXISTS snap (id bigserial PRIMARY KEY, title text, author_id int,
+                                 created_at timestamptz DEFAULT now());
+TRUNCATE snap;
+INSERT INTO snap (title, author_id) SELECT 'hello world ' || g, g % 1000 FROM generate_series(1, $ROWS) g;
+SELECT pgbridge.publish('snap') WHERE NOT EXISTS (SELECT FROM pgbridge.publications WHERE collection = 'snap');
+ANALYZE snap;
+"""
+
+
+def peak_rss(pid: int) -> int:
+    """The most RSS the process held since :func:`reset_peak` (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+def reset_peak(pid: int) -> None:
+    """Start the process's peak RSS over from its RSS now (Linux: ``clear_refs`` 5)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+async def snapshot(dsn: str) -> list[Result]:
+    """A ``"snapshot": true`` subscription of a 1,000,000-row table read by one picows client, rows per
+    second from its confirmation (which the bridge sends before it reads the table) to the last row, vs.
+    asyncpg's ``copy_from_query`` of the same rows as JSON; and the bridge's peak RSS meanwhile vs. its RSS
+    before (flow control: it never holds the table)."""
+    rows = 20_000 if QUICK else 1_000_000
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(SNAPSHOT_TABLE.replace("$ROWS", str(rows)))
+    table = await conn.fetchval("SELECT sum(octet_length(to_jsonb(s)::text)) FROM snap s")
+    await conn.close()
+    copied: list[float] = []
+    streamed: list[float] = []
+    before: list[float] = []
+    peak: list[float] = []
+    received = [0]
+
+    async def sink(chunk: bytes) -> None:
+        received[0] += chunk.count(b"\n")
+
+    for _ in range(ROUNDS):
+        conn = await asyncpg.connect(dsn)
+        received[0] = 0
+        started = time.perf_counter()
+        await conn.copy_from_query("SELECT to_jsonb(s)::text FROM snap s", output=sink)
+        copied.append(received[0] / (time.perf_counter() - started))
+        await conn.close()
+        assert received[0] == rows, received[0]
+
+        bridge = await serve(dsn)
+        fleet = Fleet()
+        try:
+            await asyncio.sleep(0.5)  # the bridge settles after its start
+            before.append(rss(bridge.proc.pid))
+            reset_peak(bridge.proc.pid)
+            await fleet.open(bridge.url(token()), 1, '{"action": "subscribe", "collection": "snap", "snapshot": true}',
+                             counting='{"type":"snap.snapshot"')  # fmt: skip
+            await fleet.until(rows, timeout=600)
+            done = time.time()
+            # from the confirmation, which comes before the snapshot is read (not from the client's start)
+            started = (await fleet.reports())[0]["confirmed"][0]
+            streamed.append(rows / (done - started))
+            peak.append(peak_rss(bridge.proc.pid))
+        finally:
+            await fleet.close()
+            stop(bridge)
+    return [
+        Result(f"snapshot, {rows:,} rows, rows/s", "copy_from_query /s", median_of(copied), "bridge /s",
+               median_of(streamed), "target >= 0.5"),
+        Result(f"snapshot, {rows:,} rows, bridge RSS", "RSS before MiB", median_of(before) / 2**20, "peak RSS MiB",
+               median_of(peak) / 2**20, f"the rows are {table / 2**20:.0f} MiB: never held"),
+    ]  # fmt: skip
+
+
+class Streams(Fleet):
+    """Benchmark SSE clients (tests/bench/sse_client.py) in processes of their own, at most 5000 streams
+    each; they answer ``count`` as the WebSocket ones do."""
+
+    async def open_streams(self, port: int, query: str, count: int) -> None:
+        started = []
+        for offset in range(0, count, 5000):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.bench.sse_client", str(port), f"{protocol.SSE_PATH}?{query}",
+                str(min(5000, count - offset)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            )  # fmt: skip
+            started.append(proc)
+        for proc in started:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 300)
+            assert line == b"ready\n", line
+        self.procs += started
+
+
+async def sse_fan_out(dsn: str) -> list[Result]:
+    """The fan-out ceiling over SSE vs. over WebSockets: the same subscribers, the same rows, each side on
+    a bridge of its own; and the memory each idle subscribed stream costs, SSE vs. WebSocket."""
+    subscribers, rows = (50, 40) if QUICK else (500, 400)
+    idle = 300 if QUICK else min(5_000, FILE_LIMIT - 500)
+    query = f"collection=posts&token={token()}"
+    rates: dict[str, list[float]] = {"ws": [], "sse": []}
+    memory: dict[str, list[float]] = {"ws": [], "sse": []}
+    for _ in range(ROUNDS):
+        for kind in ("ws", "sse"):
+            bridge = await serve(dsn)
+            clients = Fleet() if kind == "ws" else Streams()
+            try:
+                if isinstance(clients, Streams):
+                    await clients.open_streams(bridge.port, query, subscribers)
+                else:
+                    await clients.open(bridge.url(token()), subscribers)
+                started = time.perf_counter()
+                await insert_rows(dsn, rows)
+                rates[kind].append(rows * subscribers / (await clients.until(rows * subscribers) - started))
+            finally:
+                await clients.close()
+                stop(bridge)
+            bridge = await serve(dsn)
+            clients = Fleet() if kind == "ws" else Streams()
+            try:
+                await asyncio.sleep(1)
+                before = rss(bridge.proc.pid)
+                if isinstance(clients, Streams):
+                    await clients.open_streams(bridge.port, query, idle)
+                else:
+                    await clients.open(bridge.url(token()), idle)
+                await asyncio.sleep(2)
+                memory[kind].append((rss(bridge.proc.pid) - before) / idle / 1024)
+            finally:
+                await clients.close()
+                stop(bridge)
+    return [
+        Result(f"fan-out, {subscribers} SSE streams, deliveries/s", "WebSocket /s", median_of(rates["ws"]), "SSE /s",
+               median_of(rates["sse"]), "target >= 0.8"),
+        Result(f"memory, {idle:,} idle subscribed streams", "WebSocket KiB each", median_of(memory["ws"]),
+               "SSE KiB each", median_of(memory["sse"])),
+    ]  # fmt: skip
+
+
+class Watcher:
+    """One WebSocket subscriber of ``posts`` in this process: when each row arrived, by row id."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[int, float] = {}
+        self.changed = asyncio.Event()
+
+    async def run(self, url: str, subscribed: asyncio.Future[None]) -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
+            await ws.send_str(SUBSCRIBE)
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                if not subscribed.done():
+                    subscribed.set_result(None)
+                    continue
+                body = orjson.loads(msg.data)
+                if body.get("type", "").startswith("posts."):
+                    self.arrived[body["data"]["id"]] = time.time()
+                    self.changed.set()
+
+    async def arrival(self, row: int, timeout: float = 60) -> float:
+        async with asyncio.timeout(timeout):
+            while row not in self.arrived:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.arrived[row]
+
+
+FLOOD_NAMES = ("pgbridge", "posts", "pgbridge_wake", "pgbridge.wake", "wake")
+"""The channels a flood goes to: the one the sweep used, and names a role might guess."""
+
+
+async def flood(dsn: str) -> list[Result]:
+    """1,000,000 ``pg_notify`` on the channel ``pgbridge`` (and a tenth of that on each of a few other
+    names) from a role with no grants, in transactions of 100,000: the slowest ``/healthz`` answer and the
+    slowest marker row (commit to a subscriber's receipt) while it lasts and for half a second after, vs.
+    the same measurements without it; on asyncio and on uvloop."""
+    total = 20_000 if QUICK else 1_000_000
+    per_transaction = min(total, 100_000)
+    settle = 0.2 if QUICK else 0.5
+    conn = await asyncpg.connect(dsn)
+    await conn.execute("DROP ROLE IF EXISTS bench_flooder; CREATE ROLE bench_flooder LOGIN")
+    await conn.close()
+    as_flooder = dsn.replace("postgres:@", "bench_flooder:@")
+    assert as_flooder != dsn, dsn
+
+    async def send_flood() -> None:
+        flooder = await asyncpg.connect(as_flooder)
+        try:
+            for name in FLOOD_NAMES:
+                count = total if name == "pgbridge" else total // 10
+                for first in range(0, count, per_transaction):  # distinct payloads: none is folded into another
+                    await flooder.execute(
+                        f"SELECT pg_notify($1, g::text) FROM generate_series({first + 1}, "
+                        f"{min(count, first + per_transaction)}) g", name
+                    )  # fmt: skip
+        finally:
+            await flooder.close()
+
+    async def probe(
+        port: int, watcher: Watcher, writer: asyncpg.Connection, until: Callable[[], bool]
+    ) -> tuple[float, float]:
+        """The slowest /healthz answer and marker delivery, probing one after the other until ``until()``."""
+        health, marker = [], []
+        async with aiohttp.ClientSession() as http:
+            while True:
+                started = time.perf_counter()
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    await resp.read()
+                health.append(time.perf_counter() - started)
+                row = await writer.fetchval("INSERT INTO posts (title) VALUES ('marker') RETURNING id")
+                acked = time.time()
+                marker.append(since_commit(await watcher.arrival(row), acked))
+                if until():
+                    return max(health), max(marker)
+                await asyncio.sleep(0.02)
+
+    def settled(task: asyncio.Task[None] | None, seconds: float) -> Callable[[], bool]:
+        """Whether ``seconds`` have passed since ``task`` ended (since now, without one)."""
+        ended: list[float] = [] if task is not None else [time.monotonic()]
+        if task is not None:
+            task.add_done_callback(lambda _: ended.append(time.monotonic()))
+        return lambda: bool(ended) and time.monotonic() > ended[0] + seconds
+
+    results = []
+    for loop in ("asyncio", "uvloop"):
+        quiet: dict[str, list[float]] = {"health": [], "marker": []}
+        flooded: dict[str, list[float]] = {"health": [], "marker": []}
+        bridge = await serve(dsn, PGBRIDGE_LOOP=loop)
+        watcher = Watcher()
+        subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watching = asyncio.create_task(watcher.run(bridge.url(token()), subscribed))
+        writer = await asyncpg.connect(dsn)
+        try:
+            await asyncio.wait_for(subscribed, 30)
+            for _ in range(ROUNDS):
+                h, m = await probe(bridge.port, watcher, writer, settled(None, 1.0))
+                quiet["health"].append(h)
+                quiet["marker"].append(m)
+                sending = asyncio.create_task(send_flood())
+                h, m = await probe(bridge.port, watcher, writer, settled(sending, settle))
+                await sending
+                flooded["health"].append(h)
+                flooded["marker"].append(m)
+        finally:
+            await writer.close()
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            stop(bridge)
+        ms, name = 1000, f"flood, {total:,} NOTIFY, {loop}"
+        results += [
+            Result(f"{name}, /healthz ms", "without flood, slowest", median_of(quiet["health"]) * ms,
+                   "during flood, slowest", median_of(flooded["health"]) * ms, "target within 100 ms of normal"),
+            Result(f"{name}, marker ms", "without flood, slowest", median_of(quiet["marker"]) * ms,
+                   "during flood, slowest", median_of(flooded["marker"]) * ms, "target within 200 ms of normal"),
+        ]  # fmt: skip
+    return results
+
+
+# Conditions that hold for every row the scenario writes, on every column, with numeric bounds broad enough
+# that the index (which takes an equality, else the first numeric bound) finds every row a candidate; the
+# distinct `neq` keeps each filter its own, so that no two subscriptions share an evaluation.
+BROAD = ('{"action": "subscribe", "collection": "posts", "filter": {'
+         '"author_id": {"gt": -1e15, "gte": -1e15, "lt": 1e15, "lte": 1e15, "neq": -{i}}, '
+         '"id": {"gt": -1e15, "gte": -1e15, "lt": 1e15, "lte": 1e15, "neq": -{i}}, '
+         '"score": {"gt": -1e15, "gte": -1e15, "lt": 1e15, "lte": 1e15, "neq": -{i}}, '
+         '"title": {"gt": "", "gte": "", "lt": "~", "lte": "~", "neq": "x{i}"}, '
+         '"created_at": {"gt": "2000-01-01T00:00:00Z", "gte": "2000-01-01T00:00:00Z", "lt": "2100-01-01T00:00:00Z", '
+         '"lte": "2100-01-01T00:00:00Z", "neq": "2000-01-01T00:00:00Z"}}}')  # fmt: skip
+
+
+async def subscriptions(port: int, collection: str) -> int:
+    """The bridge's live subscriptions of ``collection``, as its /metrics says."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = await resp.text()
+    found = re.search(rf'^pgbridge_subscriptions{{collection="{collection}"}} ([0-9.]+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+async def broad_filters(dsn: str) -> list[Result]:
+    """Issue 20's sweep: five subjects, each at its cap of connections (100, the default) with broad
+    filters of 25 conditions that defeat the routing index; an honest client's delay from the commit of a
+    100-row INSERT to its last row, vs. the same without the attackers (``--routing-budget`` at its
+    default)."""
+    subjects, per_subject = (5, 10) if QUICK else (5, 100)
+    statements = 3 if QUICK else 10
+    bridge = await serve(dsn, PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT="100", PGBRIDGE_MAX_FILTER_COST_PER_SUBJECT="10000")
+    honest = Fleet()
+    attackers = Fleet()
+    delays: dict[str, list[float]] = {"alone": [], "attacked": []}
+    try:
+        await honest.open(bridge.url(token(sub="alice")), 1, sample=1)
+        conn = await asyncpg.connect(dsn)
+        expected = 0
+        for _ in range(ROUNDS):
+            for case in ("alone", "attacked"):
+                if case == "attacked":
+                    for s in range(subjects):
+                        await attackers.open(bridge.url(token(sub=f"attacker{s}")), per_subject, BROAD,
+                                             first=s * per_subject, sample=0)  # fmt: skip
+                    # every one accepted (a refusal would be a frame the clients take for a confirmation)
+                    assert await subscriptions(bridge.port, "posts") == 1 + subjects * per_subject
+                for _ in range(statements):
+                    ids = [r["id"] for r in await conn.fetch(
+                        "INSERT INTO posts (title, author_id, score) SELECT 't' || g, g, g "
+                        "FROM generate_series(1, 100) g RETURNING id")]  # fmt: skip
+                    acked = time.time()
+                    expected += len(ids)
+                    await honest.until(expected)
+                    received = (await honest.report())[1]
+                    delays[case].append(max(since_commit(received[row][0], acked) for row in ids))
+                    await asyncio.sleep(0.2)  # the deferred subjects are fed from the change log meanwhile
+                if case == "attacked":
+                    await attackers.close()
+        await conn.close()
+    finally:
+        await honest.close()
+        await attackers.close()
+        stop(bridge)
+    ms, name = 1000, f"filters defeating the index, {subjects} subjects x {per_subject}, 100-row INSERT"
+    alone, attacked = delays["alone"], delays["attacked"]
+    return [
+        Result(f"{name}, p50 ms", "without attackers", median_of(alone) * ms, "with attackers",
+               median_of(attacked) * ms, "target < 50"),
+        Result(f"{name}, max ms", "without attackers", max(alone) * ms, "with attackers", max(attacked) * ms,
+               "target < 50"),
+    ]  # fmt: skip
+
+
 async def checkpoint(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     await conn.execute("CHECKPOINT")
@@ -678,6 +1029,8 @@ async def checkpoint(dsn: str) -> None:
 
 
 async def main() -> None:
+    from tests.bench import haproxy, replicas  # they use this module's helpers
+
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         cluster = Cluster(Path(tmp) / "pg")
@@ -695,8 +1048,17 @@ async def main() -> None:
                 ("latency", lambda: latency(dsn)),
                 ("connections", lambda: connections(dsn)),
                 ("filters", lambda: filters(dsn)),
+                ("snapshot", lambda: snapshot(dsn)),
+                ("sse", lambda: sse_fan_out(dsn)),
+                ("flood", lambda: flood(dsn)),
+                ("broad-filters", lambda: broad_filters(dsn)),
+                ("replicas", lambda: replicas.cost_per_replica(cluster, dsn, QUICK)),
+                ("follower", lambda: replicas.follower_latency(dsn, QUICK)),
+                ("haproxy", lambda: haproxy.replicas_behind_haproxy(dsn)),
             ]
             for name, run in sections:
+                if ONLY and name not in ONLY:
+                    continue
                 # what earlier sections wrote is flushed now, not by a checkpoint in the middle of a timing
                 await checkpoint(dsn)
                 started = time.monotonic()
@@ -706,9 +1068,10 @@ async def main() -> None:
                 print(f"  ({name}: {time.monotonic() - started:.0f} s)", flush=True)
         finally:
             cluster.cleanup()
-    found = fan_out()
-    report(found)
-    results += found
+    if not ONLY or "encoding" in ONLY:
+        found = fan_out()
+        report(found)
+        results += found
     out = Path(".pgbridge") / "bench.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps([{**asdict(r), "ratio": round(r.ratio, 3)} for r in results], indent=2))

@@ -3,10 +3,12 @@
 ``python -m tests.bench.client URL COUNT FIRST SUBSCRIBE`` opens COUNT connections (picows, so that the
 client side costs little) and sends each the SUBSCRIBE message, where ``{i}`` stands for the
 connection's number, starting at FIRST. It prints ``ready`` once all are subscribed, then, for every
-line it reads on stdin, a JSON report: frames and bytes received per connection, and the receive time of
-each data event by row id, for rows whose id is in the sample (every 1 in ``PGBRIDGE_SAMPLE`` rows) as
-connections in the sample receive them (every 1 in ``PGBRIDGE_SAMPLE_CONNECTIONS``; the others only
-count, which keeps the clients' CPU for receiving).
+line it reads on stdin, a JSON report: frames and bytes received per connection, when each had the reply
+to its subscribe, and the receive time of each data event by row id, for rows whose id is in the sample
+(every 1 in ``PGBRIDGE_SAMPLE`` rows) as connections in the sample receive them (every 1 in
+``PGBRIDGE_SAMPLE_CONNECTIONS``; the others only count, which keeps the clients' CPU for receiving). The
+data events it counts are the text frames that start with ``PGBRIDGE_COUNT`` (by default a change of
+``posts``; ``{"type":"snap.snapshot"`` counts the rows of a snapshot of ``snap``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 SAMPLE = int(os.environ.get("PGBRIDGE_SAMPLE", "1"))
 SAMPLE_CONNECTIONS = int(os.environ.get("PGBRIDGE_SAMPLE_CONNECTIONS", "1"))
+COUNT = os.environ.get("PGBRIDGE_COUNT", '{"type":"posts.').encode()
 
 
 class Counter(WSListener):
@@ -30,6 +33,7 @@ class Counter(WSListener):
         self.sampled = sampled
         self.frames = 0
         self.bytes = 0
+        self.confirmed = 0.0  # when the reply to the subscribe came
         self.subscribed = asyncio.get_running_loop().create_future()
         self.received = received
 
@@ -45,10 +49,11 @@ class Counter(WSListener):
         now = time.time()
         payload = frame.get_payload_as_bytes()
         if not self.subscribed.done():
+            self.confirmed = now
             self.subscribed.set_result(None)
             return
-        if not payload.startswith(b'{"type":"posts.'):
-            return  # a heartbeat, a pong
+        if not payload.startswith(COUNT):
+            return  # a heartbeat, a pong, snapshot_end
         self.frames += 1
         self.bytes += len(payload)
         if SAMPLE and self.sampled:
@@ -85,7 +90,7 @@ async def main(url: str, count: int, first: int, subscribe: str) -> None:
             sys.stdout.write(f"{sum(c.frames for c in clients)}\n")
         else:
             report = {"frames": [c.frames for c in clients], "bytes": sum(c.bytes for c in clients),
-                      "received": received}  # fmt: skip
+                      "received": received, "confirmed": [c.confirmed for c in clients]}  # fmt: skip
             sys.stdout.write(orjson.dumps(report, option=orjson.OPT_NON_STR_KEYS).decode() + "\n")
         sys.stdout.flush()
 

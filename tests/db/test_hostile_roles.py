@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ import pytest
 
 from pgbridge import changelog
 from pgbridge.migrate import migrate
-from tests.helpers import Cluster, Ledger, collect, subscribe, until_quiet, wait_for
+from tests.helpers import Cluster, Ledger, collect, fresh_name, recv, subscribe, until_quiet, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -146,6 +147,62 @@ async def test_wake_up_channels_are_secret(queue_db: str) -> None:
         names = set((await changelog.channels(owner)).values())
     finally:
         await owner.close()
-    assert len(names) == 3  # wake, publications, ticks
+    assert len(names) == 2
     for name in names:
         assert name not in source and name not in triggers
+
+
+GUESSES = {"pgbridge": 10_000} | dict.fromkeys(
+    ("posts", "pgbridge_wake", "pgbridge.wake", "wake", "pgbridge_publications", "changes"), 2_000
+)
+
+
+async def test_a_flood_on_guessed_channels_never_reaches_the_bridge(
+    dsn: str, db: asyncpg.Connection, posts: str, start_bridge: Bridges, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Floods cost the flooder, not the bridge: its listener LISTENs only on the secret wake channel, so
+    a role with no grants cannot make it read notifications, whatever channel it guesses."""
+    heard: defaultdict[asyncpg.Connection, Counter[str]] = defaultdict(Counter)
+    process = asyncpg.Connection._process_notification
+
+    def counting(conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
+        heard[conn][channel] += 1  # every notification any connection of this process receives
+        process(conn, pid, channel, payload)
+
+    monkeypatch.setattr(asyncpg.Connection, "_process_notification", counting)
+    role = fresh_name("flooder")  # roles are the cluster's: one name per test
+    await db.execute(f"CREATE ROLE {role} LOGIN")
+    wake = (await changelog.channels(db))["wake"]
+    running = await start_bridge(dsn)
+    await wait_for(lambda: running.bridge.listener.ticking, what="the bridge to take the ticks")
+    witness = await asyncpg.connect(dsn)
+    flooder = await asyncpg.connect(dsn.replace("postgres:@", f"{role}:@"))
+    try:
+        for channel in GUESSES:
+            await witness.add_listener(channel, lambda *_: None)
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            for channel, count in GUESSES.items():  # one transaction per channel
+                await flooder.execute("SELECT pg_notify($1, g::text) FROM generate_series(1, $2::int) g",
+                                      channel, count)  # fmt: skip
+            await wait_for(lambda: heard[witness] == Counter(GUESSES), what="the witness to hear the whole flood")
+
+            def wakes() -> int:
+                return sum(counts[wake] for conn, counts in heard.items() if conn is not witness)
+
+            before = wakes()
+            await db.execute("INSERT INTO posts (title) VALUES ('marker')")
+            event = await recv(ws)
+            assert event["type"] == "posts.create" and event["data"]["title"] == "marker", event
+            # The marker's wake-up was queued after the whole flood, and a backend sends notifications in
+            # queue order: once the ticker has it, its backend has gone past every notification of the flood.
+            await wait_for(lambda: wakes() > before, what="the ticker to receive the marker's wake-up")
+    finally:
+        await flooder.close()
+        await witness.close()
+    reached = {
+        id(conn): {channel: n for channel, n in counts.items() if channel in GUESSES}
+        for conn, counts in heard.items()
+        if conn is not witness
+    }
+    assert not any(reached.values()), f"notifications on guessed channels reached the bridge: {reached}"
