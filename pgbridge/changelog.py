@@ -103,8 +103,7 @@ async def tick(conn: asyncpg.Connection) -> Tick:
 
 
 async def channels(conn: asyncpg.Connection) -> dict[str, str]:
-    """The NOTIFY channels of pgbridge, by purpose: ``wake`` and ``publications``, which its functions
-    notify on, and ``ticks``, on which the ticker announces its ticks (:func:`announce`)."""
+    """The NOTIFY channels pgbridge's functions notify on, by purpose (``wake``, ``publications``)."""
     return {r["purpose"]: r["name"] for r in await conn.fetch("SELECT purpose, name FROM pgbridge.channels")}
 
 
@@ -134,9 +133,21 @@ async def newest_tick(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT max(n) FROM pgbridge.ticks"))
 
 
-async def lease(conn: asyncpg.Connection, holder: str, seconds: float) -> tuple[bool, float]:
+@dataclass(frozen=True, slots=True)
+class Lease:
+    held: bool
+    """Whether the bridge that asked holds the ticker lease."""
+    queue: float
+    """How full the NOTIFY queue is (0 to 1)."""
+    publications: str
+    """A digest of the publications: it changes whenever they do."""
+    key: int
+    """The class of the advisory locks the ticker announces with (:func:`announce`)."""
+
+
+async def lease(conn: asyncpg.Connection, holder: str, seconds: float) -> Lease:
     """Take or renew the ticker lease for ``holder`` for ``seconds``, if it is free, lapsed or already
-    ``holder``'s; return whether ``holder`` holds it, and how full the NOTIFY queue is (0 to 1).
+    ``holder``'s; say whether ``holder`` holds it, with what every bridge checks that often.
 
     The database's clock decides, so the bridges' clocks need not agree."""
     row = await conn.fetchrow(
@@ -146,11 +157,14 @@ async def lease(conn: asyncpg.Connection, holder: str, seconds: float) -> tuple[
                WHERE name = 'ticker' AND (holder = $1 OR until IS NULL OR until < clock_timestamp())
                RETURNING 1
            )
-           SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue""",
+           SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue,
+                  (SELECT key FROM pgbridge.leases WHERE name = 'ticker') AS key,
+                  (SELECT coalesce(md5(string_agg(p::text, ',' ORDER BY p.collection)), '')
+                   FROM pgbridge.publications p) AS publications""",
         holder,
         seconds,
     )
-    return bool(row["held"]), float(row["queue"])
+    return Lease(bool(row["held"]), float(row["queue"]), row["publications"], int(row["key"]))
 
 
 async def release(conn: asyncpg.Connection, holder: str) -> None:
@@ -158,18 +172,37 @@ async def release(conn: asyncpg.Connection, holder: str) -> None:
     await conn.execute("UPDATE pgbridge.leases SET until = NULL WHERE name = 'ticker' AND holder = $1", holder)
 
 
-async def announce(conn: asyncpg.Connection, channel: str, n: int, at: datetime) -> None:
-    """Tell the bridges that follow the ticker that tick ``n``, taken at ``at``, is durable."""
-    await conn.execute("SELECT pg_notify($1, $2)", channel, f"{n} {at.isoformat()}")
+def _lock(n: int) -> int:
+    return n % 2**31  # the advisory lock that stands for "tick n is not announced yet"
 
 
-def announced(payload: str) -> tuple[int, datetime] | None:
-    """The tick an announcement (:func:`announce`) names, or None for a payload that is not one."""
-    n, _, at = payload.partition(" ")
-    try:
-        return int(n), datetime.fromisoformat(at)
-    except ValueError:
+async def announce(conn: asyncpg.Connection, holder: str, key: int, n: int, held: int | None) -> int | None:
+    """As the ticker ``holder``, announce durable tick ``n`` to the bridges that follow it: take the lock
+    they will wait on next, record ``n``, and let go of ``held``, the lock they wait on now. Returns the
+    tick whose lock it now holds (None if it no longer holds the lease).
+
+    The next lock is taken before ``n`` is visible, so that a follower that sees ``n`` always finds the
+    lock for ``n + 1`` held, and waits on it."""
+    recorded = await conn.fetchval(
+        """WITH locked AS (SELECT pg_advisory_lock($3, $4))
+           UPDATE pgbridge.leases SET announced = $2 FROM locked
+           WHERE name = 'ticker' AND holder = $1 RETURNING true""",
+        holder, n, key, _lock(n + 1),
+    )  # fmt: skip
+    if held is not None and held != n + 1:
+        await conn.execute("SELECT pg_advisory_unlock($1, $2)", key, _lock(held))
+    if recorded is None:
+        await conn.execute("SELECT pg_advisory_unlock_all()")
         return None
+    return n + 1
+
+
+async def await_tick(conn: asyncpg.Connection, after: int, seconds: float) -> tuple[int, datetime | None, bool]:
+    """Wait at most ``seconds`` for the ticker to announce a tick after ``after``; return the newest
+    announced tick (``after`` or older when none came), when it was taken, and whether it waited for the
+    ticker (False with nothing newer: nobody ticks, so wait before asking again)."""
+    row = await conn.fetchrow("SELECT * FROM pgbridge.await_tick_v4($1, $2)", after, max(1, int(seconds * 1000)))
+    return (after if row["n"] is None else int(row["n"])), row["at"], bool(row["waited"])
 
 
 async def newest(conn: asyncpg.Connection) -> Tick:

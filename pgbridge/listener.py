@@ -4,10 +4,12 @@ Of the bridges on one database, one at a time is the ticker: it holds the ``tick
 renewed every quarter of it, taken over by another bridge once it lapses). Writers wake the ticker with
 an empty notification on a channel whose name only pgbridge's roles can read (``pgbridge.channels``),
 so no other role can flood it. Woken (or every poll interval), it records a tick (``pgbridge.tick_v3``),
-and once the tick is durable it announces it on the ``ticks`` channel. Every other bridge follows:
-it listens only for those announcements (one per tick, however many writers), and polls the ticks
-table now and then in case one was missed. Each bridge then reads the new ticks' changes from the
-change log in position order and routes them row by row. Its position is durable (ticks are), so after
+and once the tick is durable it announces it: it records it in the lease and lets go of an advisory
+lock the others wait on (``pgbridge.await_tick_v4``). The others LISTEN to nothing: PostgreSQL signals
+every listening backend of a database at every commit that notifies, whatever the channel, so a
+follower costs the database one lock wait and one read per tick, however many writers commit. Each
+bridge then reads the new ticks' changes from the change log in position order and routes them row by
+row. Its position is durable (ticks are), so after
 a lost connection it reconnects and continues from the row after the last one it routed: every committed
 change is routed once, in order, whatever happened to the connection. The lease query doubles as the
 liveness probe, with a timeout, so a connection that stops answering is replaced.
@@ -104,8 +106,8 @@ class Listener:
         """Tick queries this listener ran (only while it is the ticker)."""
         self.takeovers = 0
         self._announced = 0
-        self._announce_log = OncePer(60)
-        self._ticks_channel = ""
+        self._held: int | None = None  # the tick whose advisory lock this ticker holds (see changelog.announce)
+        self._lock_class = 0
         self.ticks_read = 0
         self.newest_tick = 0
         self.forced_flushes = 0
@@ -153,8 +155,6 @@ class Listener:
         )
         lost = asyncio.Event()
         wake = asyncio.Event()
-        republish = asyncio.Event()
-        announced: list[tuple[int, datetime]] = []
 
         def on_lost(_c: object) -> None:
             lost.set()
@@ -165,24 +165,11 @@ class Listener:
         def on_wake(_c: object, _pid: int, _channel: str, _payload: str) -> None:
             wake.set()
 
-        def on_tick(_c: object, _pid: int, _channel: str, payload: str) -> None:
-            tick = changelog.announced(payload)
-            if tick is not None:
-                announced.append(tick)
-                wake.set()
-
-        def on_publication(_c: object, _pid: int, _channel: str, _payload: str) -> None:
-            republish.set()
-            wake.set()
-
         self.ticking = False
         try:
             await database.check_notifications(conn, s.dsn, s.probe_timeout)
             await changelog.check_schema(conn)
-            channels = await changelog.channels(conn)
-            self._ticks_channel = channels["ticks"]
-            await conn.add_listener(channels["publications"], on_publication)
-            await conn.add_listener(channels["ticks"], on_tick)
+            wake_channel = (await changelog.channels(conn))["wake"]
             polled = await self._publications(conn)
             if self._after is None:
                 # Start from now: what committed before is for clients that ask with `since`.
@@ -203,42 +190,37 @@ class Listener:
                 self._restart_at(await changelog.newest_tick(conn))
             self.connected, self.problem, self._failures = True, None, 0
             log.info("reading changes from tick %d", self._after[0])
-            relistened = leased = polled_at = -LEASE
+            relistened = leased = -LEASE
+            publications = ""
             while not lost.is_set():
                 wake.clear()
-                if republish.is_set():
-                    republish.clear()
-                    polled = await self._publications(conn)
                 if time.monotonic() - leased >= LEASE / 4:
                     leased = time.monotonic()
-                    held, self.queue_usage = await changelog.lease(conn, self.holder, LEASE)
-                    if held != self.ticking:
-                        await self._take_turn(conn, channels["wake"], on_wake, held)
-                flush = True  # whether the tick must be made durable before routing it
-                if self.ticking:
-                    tick = await changelog.tick(conn)
-                    self.ticks_taken += 1
-                    self.queue_usage, newest, taken = tick.queue, tick.n, tick.at
-                elif announced:
-                    (newest, taken), flush = max(announced), False  # the ticker made it durable
-                    announced.clear()
-                elif self.queue_usage >= changelog.WAKE_BELOW or time.monotonic() - polled_at >= s.probe_interval:
-                    # Nothing is announced while the queue is crowded, and an announcement can be missed.
-                    polled_at = time.monotonic()
-                    tick = await changelog.newest(conn)
-                    self.queue_usage, newest, taken = tick.queue, tick.n, tick.at
-                else:
-                    newest = 0
-                crowded = self.queue_usage >= changelog.WAKE_BELOW
+                    lease = await changelog.lease(conn, self.holder, LEASE)
+                    self.queue_usage, self._lock_class = lease.queue, lease.key
+                    if lease.publications != publications:
+                        polled, publications = await self._publications(conn), lease.publications
+                    if lease.held != self.ticking:
+                        await self._take_turn(conn, wake_channel, on_wake, lease.held)
+                if not self.ticking:
+                    # Wait for the ticker's next announcement (it made the tick durable before), then read.
+                    newest, at, waited = await changelog.await_tick(conn, self.newest_tick, LEASE / 4)
+                    if newest > self.newest_tick and at is not None:
+                        await self._deliver(conn, newest, at, flush=False)
+                    elif not waited:  # nobody ticks: the lease is free, or its holder died holding it
+                        await asyncio.sleep(LEASE / 4)
+                    continue
+                tick = await changelog.tick(conn)
+                self.ticks_taken += 1
+                self.queue_usage = tick.queue
+                crowded = tick.queue >= changelog.WAKE_BELOW
                 if crowded and time.monotonic() - relistened > _RELISTEN_EVERY:
-                    await self._relisten(conn, channels, skip=() if self.ticking else ("wake",))
-                    polled = await self._publications(conn)  # their announcements are skipped too
+                    await self._relisten(conn, wake_channel)
                     relistened = time.monotonic()
-                if newest:
-                    await self._deliver(conn, newest, taken, flush=flush)
-                quick = crowded or (polled and self.ticking)
+                await self._deliver(conn, tick.n, tick.at, flush=True)
                 try:
-                    async with asyncio.timeout(min(s.poll_interval if quick else s.probe_interval, LEASE / 4)):
+                    timeout = s.poll_interval if polled or crowded else s.probe_interval
+                    async with asyncio.timeout(min(timeout, LEASE / 4)):
                         await wake.wait()
                 except TimeoutError:
                     pass
@@ -260,21 +242,20 @@ class Listener:
         if ticking:
             await conn.add_listener(channel, on_wake)
             self.takeovers += 1
-            self._announced = 0  # the current tick is announced again: its ticker may have died before it
+            self._announced = -1  # the current tick is announced (again): its ticker may have died before it
             log.info("this bridge now takes the ticks (holder %s)", self.holder)
         else:
             await conn.remove_listener(channel, on_wake)
+            await conn.execute("SELECT pg_advisory_unlock_all()")  # the followers wait on the new ticker's
+            self._held = None
             log.info("another bridge took the ticks over; this one follows them")
         self.ticking = ticking
 
-    async def _relisten(self, conn: asyncpg.Connection, channels: dict[str, str], skip: tuple[str, ...]) -> None:
+    async def _relisten(self, conn: asyncpg.Connection, channel: str) -> None:
         """Register this connection's LISTEN again: a new registration starts at the end of the NOTIFY
-        queue, so this backend is not among those that keep old entries in it. The callbacks stay.
-        Channels whose purpose is in ``skip`` are not listened to now."""
+        queue, so this backend is not among those that keep old entries in it. The callback stays."""
         await conn.execute("UNLISTEN *")
-        for purpose, name in channels.items():
-            if purpose not in skip:
-                await conn.execute(f'LISTEN "{name}"')
+        await conn.execute(f'LISTEN "{channel}"')
         if self._crowded_log():
             log.warning(
             "the NOTIFY queue is %.0f%% full: writers send no wake-ups, so changes are polled every %gs; "
@@ -294,7 +275,7 @@ class Listener:
         unflushed = flush and newest > self.newest_tick
         self.newest_tick = max(newest, self.newest_tick)
         if not unflushed:
-            await self._announce(conn, newest, taken)
+            await self._announce(conn, newest)
         loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):
             try:
@@ -341,19 +322,15 @@ class Listener:
 
     async def _durable(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
         self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
-        await self._announce(conn, newest, taken)
+        await self._announce(conn, newest)
 
-    async def _announce(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
+    async def _announce(self, conn: asyncpg.Connection, newest: int) -> None:
         """As the ticker, tell the others about durable tick ``newest``, once, before routing it: they route
-        it meanwhile. Not while the NOTIFY queue is crowded (they poll then)."""
-        if not self.ticking or newest <= self._announced or self.queue_usage >= changelog.WAKE_BELOW:
+        it meanwhile."""
+        if not self.ticking or newest <= self._announced:
             return
         self._announced = newest
-        try:
-            await changelog.announce(conn, self._ticks_channel, newest, taken)
-        except asyncpg.PostgresError as exc:  # a full queue, say: the others poll within a probe interval
-            if self._announce_log():
-                log.warning("cannot announce tick %d to the other bridges: %s (reported once a minute)", newest, exc)
+        self._held = await changelog.announce(conn, self.holder, self._lock_class, newest, self._held)
 
     def _restart_at(self, newest: int) -> None:
         """Continue after tick ``newest``; what lay between cannot be delivered, so every client resyncs."""

@@ -133,29 +133,31 @@ COMMENT ON TABLE pgbridge.ticks IS
 -- Only roles that may update this table can take a lease, unlike an advisory lock, which any role can
 -- take and hold. `prune` and `flush` are row locks a bridge holds for one short transaction: one bridge
 -- at a time deletes old changes and ticks; flush_v2 writes its row. `ticker` is a time: the bridge named
--- `holder` takes the ticks, listens for writers' wake-ups and announces each tick on the `ticks` channel
--- until `until`; it renews the lease long before, and another bridge takes it once it lapses.
-CREATE TABLE pgbridge.leases (name text PRIMARY KEY, holder text, until timestamptz);
+-- `holder` takes the ticks and listens for writers' wake-ups until `until`; it renews the lease long
+-- before, and another bridge takes it once it lapses. It records each durable tick as `announced`, and
+-- holds the advisory lock (key, announced + 1), which the other bridges wait on (await_tick_v4); `key`
+-- is random and secret, so that no other role can take that lock.
+CREATE TABLE pgbridge.leases (name text PRIMARY KEY, holder text, until timestamptz, announced bigint, key integer);
 COMMENT ON TABLE pgbridge.leases IS
     'prune and flush: row locks, held for one short transaction. ticker: the bridge (holder) that takes '
-    'ticks until `until`; it renews the lease long before, and another bridge takes it once it lapses.';
-INSERT INTO pgbridge.leases (name) VALUES ('prune'), ('flush'), ('ticker');
+    'ticks until `until`, the last tick it announced, and the advisory lock class (key, secret) it holds '
+    'the lock (key, announced + 1) of, which the others wait on.';
+INSERT INTO pgbridge.leases (name) VALUES ('prune'), ('flush');
+INSERT INTO pgbridge.leases (name, key) VALUES ('ticker', floor(random() * 2147483647)::integer);
 
 -- The channels pgbridge notifies on. Their names are random, made here at install, and this table is
 -- closed to every role but the schema's owner and bridges (grant_bridge): a role that cannot read it
 -- cannot LISTEN to them, nor send on them.
 CREATE TABLE pgbridge.channels (
-    purpose text PRIMARY KEY,
-    name    text NOT NULL UNIQUE,
-    CONSTRAINT channels_purpose_check CHECK (purpose IN ('wake', 'publications', 'ticks'))
+    purpose text PRIMARY KEY CHECK (purpose IN ('wake', 'publications')),
+    name    text NOT NULL UNIQUE
 );
 COMMENT ON TABLE pgbridge.channels IS
-    'The NOTIFY channels of pgbridge: wake (a statement changed a published table), publications (the '
-    'published tables changed) and ticks (the ticker took a tick: "<n> <when>"). Random names, known only '
-    'to roles that may read this table.';
+    'The NOTIFY channels of pgbridge: wake (a statement changed a published table) and publications (the '
+    'published tables changed). Random names, known only to roles that may read this table.';
 INSERT INTO pgbridge.channels (purpose, name)
 SELECT purpose, 'pgbridge_' || purpose || '_' || replace(gen_random_uuid()::text, '-', '')
-FROM unnest(ARRAY['wake', 'publications', 'ticks']) AS purpose;
+FROM unnest(ARRAY['wake', 'publications']) AS purpose;
 
 
 -- 3. Capture -----------------------------------------------------------------------------------------
@@ -538,6 +540,41 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $$;
 
 
+-- A bridge that follows the ticker waits here, at most `wait_ms` milliseconds, for a tick after `after`
+-- to be announced; it gets the newest announced tick and when it was taken (n may still be `after`, or
+-- NULL before any announcement). `waited` is true when it waited for the ticker: false when a newer tick
+-- was there already, or when nobody holds the lock it would wait on (no ticker: the caller waits before
+-- it asks again). Waiting is taking that lock, shared: no
+-- notification, no polling. Its class is secret, so no other role can hold the followers up.
+CREATE OR REPLACE FUNCTION pgbridge.await_tick_v4(after bigint, wait_ms integer,
+                                                  OUT n bigint, OUT at timestamptz, OUT waited boolean)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lock_class integer;
+BEGIN
+    SELECT l.announced, l.key INTO n, lock_class FROM pgbridge.leases l WHERE l.name = 'ticker';
+    waited := false;
+    IF n <= after THEN
+        -- Free: the ticker has just moved on (it takes the next lock before it records a tick), or
+        -- nobody ticks. Either way the announced tick is read again.
+        IF NOT pg_try_advisory_xact_lock_shared(lock_class, ((n + 1) % 2147483648)::integer) THEN
+            waited := true;
+            PERFORM set_config('lock_timeout', wait_ms || 'ms', true);
+            BEGIN
+                PERFORM pg_advisory_xact_lock_shared(lock_class, ((n + 1) % 2147483648)::integer);
+            EXCEPTION WHEN lock_not_available THEN
+                NULL;
+            END;
+        END IF;
+        SELECT l.announced INTO n FROM pgbridge.leases l WHERE l.name = 'ticker';
+    END IF;
+    SELECT t.at INTO at FROM pgbridge.ticks t WHERE t.n = await_tick_v4.n;
+END
+$$;
+
+
 -- 6. Dropped tables ----------------------------------------------------------------------------------
 
 -- Dropping a published table unpublishes it. That takes an event trigger, which only a superuser can
@@ -601,10 +638,10 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgbridge.changes, pgbridge.ticks, pgbridge.publications, pgbridge.migrations, '
                    'pgbridge.channels TO %s', bridge);
     EXECUTE format('GRANT DELETE ON pgbridge.changes, pgbridge.ticks TO %s', bridge);  -- pruning
-    EXECUTE format('GRANT SELECT, UPDATE ON pgbridge.leases TO %s', bridge);  -- one pruner at a time
+    EXECUTE format('GRANT SELECT, UPDATE ON pgbridge.leases TO %s', bridge);  -- one pruner, one ticker
     EXECUTE format('GRANT EXECUTE ON FUNCTION pgbridge.tick_v2(), pgbridge.tick_v3(boolean), pgbridge.flush_v2(), '
-                   'pgbridge.snapshot_v3(text, refcursor), pgbridge.log_format(), pgbridge.iso(timestamptz) TO %s',
-                   bridge);
+                   'pgbridge.snapshot_v3(text, refcursor), pgbridge.await_tick_v4(bigint, integer), '
+                   'pgbridge.log_format(), pgbridge.iso(timestamptz) TO %s', bridge);
 END
 $$;
 

@@ -39,7 +39,7 @@ async def test_the_constants_sql_and_python_share_are_equal(db: asyncpg.Connecti
     assert float(_constant(announce, "pgb_wake_below")) == changelog.WAKE_BELOW
     assert await db.fetchval("SELECT pgbridge.log_format()") == changelog.LOG_FORMAT
     assert await db.fetchval("SELECT max(version) FROM pgbridge.migrations") >= changelog.SCHEMA_VERSION
-    assert set(await changelog.channels(db)) == {"wake", "publications", "ticks"}  # what the listener LISTENs to
+    assert set(await changelog.channels(db)) == {"wake", "publications"}  # what pgbridge notifies on
     triggers = await db.fetchval("SELECT pg_get_functiondef('pgbridge.attach_v3(regclass)'::regprocedure)")
     assert sorted(re.findall(r"CREATE TRIGGER (pgbridge_capture_\w+)", triggers)) == sorted(changelog.CAPTURE_TRIGGERS)
 
