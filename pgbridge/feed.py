@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from pgbridge import protocol
@@ -41,8 +41,8 @@ class Sink(Protocol):
     def send(self, message: protocol.Message) -> None:
         """Queue a message now, whatever the client's backlog."""
 
-    async def send_paced(self, message: protocol.Message) -> None:
-        """Send ``message``, first waiting while the client's socket has too much unsent data."""
+    async def send_paced(self, messages: Sequence[protocol.Message]) -> None:
+        """Send ``messages``, first waiting while the client's socket has too much unsent data."""
 
 
 class LogReader(Protocol):
@@ -201,9 +201,14 @@ class Feed:
                     continue
                 if position > self._listener.head:
                     return False
+                if self._listener.routing:
+                    await self._listener.quiet()
+                    yielded = loop.time()
+                    if self._sink.closing:
+                        return True
                 message = self._router.message_for(sub, change, row)
                 if message is not None:
-                    await self._sink.send_paced(message)
+                    await self._sink.send_paced((message,))
                     if self._sink.closing:
                         return True
                 self.done = position

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from pgbridge.hub import Bridge
 
 log = logging.getLogger(__name__)
+# A snapshot's rows go out this many (or this many bytes of rows) to a write: one write a row cost most of
+# a snapshot's time.
+_SNAPSHOT_BATCH = 256
+_SNAPSHOT_BATCH_BYTES = 64 * 1024
 _ids = itertools.count(1)
 
 
@@ -174,10 +178,15 @@ class Session:
         self.outbox.append(message)
         self._write_outbox()
 
-    async def send_paced(self, message: Message) -> None:
-        """Write a catch-up or snapshot message once the client has taken most of what waits for it."""
+    async def send_paced(self, messages: Sequence[Message]) -> None:
+        """Write catch-up or snapshot messages, in one write, once the client has taken most of what waits
+        for it."""
         await self.transport.drained()
-        self.send(message)
+        if self.closing or self.transport.is_closing():
+            self.closing = True
+            return
+        self.outbox.extend(messages)
+        self._write_outbox()
 
     # -- what the side tasks ask ----------------------------------------------------------------------
 
@@ -415,18 +424,27 @@ class Session:
         position, then every change after it."""
         bridge, name = self.bridge, sub.collection
         sent = 0
+        batch: list[Message] = []
+        size = 0
         try:
             async with bridge.snapshot(name) as (tick, rows):
                 async for raw in rows:
                     message = bridge.router.snapshot_message(sub, raw)
                     if message is None:
                         continue
-                    await self.send_paced(message)
-                    if self.closing:
-                        return
+                    batch.append(message)
+                    size += len(raw)
                     sent += 1
                     if sent == limit:
                         break
+                    if len(batch) >= _SNAPSHOT_BATCH or size >= _SNAPSHOT_BATCH_BYTES:
+                        await self.send_paced(batch)
+                        if self.closing:
+                            return
+                        batch, size = [], 0
+                await self.send_paced(batch)
+                if self.closing:
+                    return
         except DatabaseUnavailable as exc:
             log.warning("%s: the snapshot of %s failed: %s", self.id, name, exc, extra=self.fields(collection=name))
             self.unsubscribe(name)

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -792,12 +792,13 @@ async def test_a_snapshot_under_concurrent_writes_rebuilds_the_table_even_when_c
     cut = [300]  # the first snapshot's connection is cut after this many rows
     send_paced = Session.send_paced
 
-    async def cut_once(self: Session, message: protocol.Message) -> None:
-        if message.event == "posts.snapshot" and cut[0] >= 0:
-            cut[0] -= 1
-            if cut[0] < 0:
-                self.transport.abort()
-        await send_paced(self, message)
+    async def cut_once(self: Session, messages: Sequence[protocol.Message]) -> None:
+        for message in messages:
+            if message.event == "posts.snapshot" and cut[0] >= 0:
+                cut[0] -= 1
+                if cut[0] < 0:
+                    self.transport.abort()
+        await send_paced(self, messages)
 
     monkeypatch.setattr(Session, "send_paced", cut_once)
     stop = asyncio.Event()
