@@ -92,6 +92,8 @@ class Listener:
         self.head: Position = (0, 0, 0)
         """The last row routed; ``(tick, MAX_ID, 0)`` once all of ``tick`` is."""
         self._advanced = asyncio.Event()
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.connected = False
         self.problem: str | None = "not connected yet"
         self.delivered = 0
@@ -121,6 +123,17 @@ class Listener:
     async def advanced(self) -> None:
         """Wait until :attr:`head` moves."""
         await self._advanced.wait()
+
+    @property
+    def routing(self) -> bool:
+        """Whether live routing is under way: feeds wait meanwhile (:meth:`quiet`)."""
+        return not self._quiet.is_set()
+
+    async def quiet(self) -> None:
+        """Wait until no live routing is under way. Feeds (catching up, or deferred past the routing
+        budget) call it before each row, so that live clients never wait behind them: however many feeds
+        there are, each runs at most a row between two slices of the listener's routing."""
+        await self._quiet.wait()
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with capped, jittered backoff."""
@@ -296,18 +309,22 @@ class Listener:
                 self._restart_at(newest)
                 break
             yielded = loop.time()
-            for change in changes:
-                self.history.append(change)
-                for row in range(change.units):
-                    self._route(change, row)
-                    self.head = change.position(row)
-                    self.delivered += 1
-                    self.routed[change.collection] += 1
-                    if loop.time() - yielded > _YIELD_EVERY:
-                        self._signal()
-                        await asyncio.sleep(0)
-                        yielded = loop.time()
-                self.latency.observe(time.time() - datetime.fromisoformat(change.timestamp).timestamp())
+            self._quiet.clear()
+            try:
+                for change in changes:
+                    self.history.append(change)
+                    for row in range(change.units):
+                        self._route(change, row)
+                        self.head = change.position(row)
+                        self.delivered += 1
+                        self.routed[change.collection] += 1
+                        if loop.time() - yielded > _YIELD_EVERY:
+                            self._signal()
+                            await asyncio.sleep(0)
+                            yielded = loop.time()
+                    self.latency.observe(time.time() - datetime.fromisoformat(change.timestamp).timestamp())
+            finally:
+                self._quiet.set()
             if reached == self._after:
                 break
             self._after = reached
