@@ -426,6 +426,8 @@ class Session:
         sent = 0
         batch: list[Message] = []
         size = 0
+        # Writing resumes below half the client's budget (stream.py): a batch of a quarter keeps it within.
+        most = min(_SNAPSHOT_BATCH_BYTES, bridge.settings.outbound_limit // 4)
         try:
             async with bridge.snapshot(name) as (tick, rows):
                 async for raw in rows:
@@ -437,7 +439,7 @@ class Session:
                     sent += 1
                     if sent == limit:
                         break
-                    if len(batch) >= _SNAPSHOT_BATCH or size >= _SNAPSHOT_BATCH_BYTES:
+                    if len(batch) >= _SNAPSHOT_BATCH or size >= most:
                         await self.send_paced(batch)
                         if self.closing:
                             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from typing import Any
 
@@ -143,18 +144,21 @@ async def test_a_slow_reader_of_a_large_snapshot_is_paced_and_one_that_stops_is_
             return found
 
         session.transport.buffered = watched  # type: ignore[method-assign]
+        # A small receive buffer, fixed: autotuned, the kernel would take the whole snapshot (12 MB).
+        ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         await subscribe(ws, "items", snapshot=True)
         received = 0
         while (message := await recv(ws))["type"] == "items.snapshot":
             received += 1
             if received == 50:  # a reader that pauses: what waits fills the socket, then the server's buffer
-                await wait_for(lambda: peak > 0, what="the server to have data waiting for the client")
+                await wait_for(lambda: watched() > 0, what="the server to have data waiting for the client")
             elif received % 20 == 0:
                 await asyncio.sleep(0.01)  # a reader slower than the server
         assert message["type"] == "snapshot_end" and received == 4000
     assert running.bridge.closed["Slow consumer"] == 0
     assert 0 < peak <= limit  # the snapshot never waited in memory beyond the client's budget
     async with running.connect(max_queue=1) as stopped:
+        stopped.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         await subscribe(stopped, "items", snapshot=True)
         await asyncio.sleep(4)  # reads nothing: past the stall timeout
         assert await close_frame(stopped, discard=True) == (1013, "Slow consumer")
