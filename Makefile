@@ -5,8 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The tests that exercise PostgreSQL itself, run again on each other version CI covers.
-VERSION_TESTS := tests/db/test_capture.py tests/db/test_recovery.py tests/process/test_sql_and_cli.py \
-                 tests/db/test_core.py tests/db/test_access.py tests/db/test_flow_control.py
+VERSION_TESTS := tests/db/test_capture.py tests/db/test_recovery.py tests/process/test_sql_and_cli.py tests/db/test_ticker.py \
+                 tests/db/test_core.py tests/db/test_access.py tests/db/test_flow_control.py tests/db/test_sessions.py \
+                 tests/unit
 
 .PHONY: run test test-versions lint bench clean system-packages
 
@@ -22,11 +23,13 @@ run: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# PostgreSQL 15 (Debian's package, which .ci/run installs) and 16 (the embedded wheel's); `make test`
-# covers 18.
+# The tests that exercise PostgreSQL itself (in process, so they also run the event loop's other ways):
+# on PostgreSQL 15 (Debian's package, which .ci/run installs) under uvloop, which `--loop auto` picks in
+# production, and on 16 (the embedded wheel's) in asyncio's debug mode, which reports coroutines never
+# awaited, callbacks that hold the loop and resources never closed. `make test` covers 18 on asyncio.
 test-versions: $(STAMP)
-	PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q $(VERSION_TESTS)
-	PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q $(VERSION_TESTS)
+	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q $(VERSION_TESTS)
+	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q $(VERSION_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pgbridge tests
