@@ -205,14 +205,6 @@ async def await_tick(conn: asyncpg.Connection, after: int, seconds: float) -> tu
     return (after if row["n"] is None else int(row["n"])), row["at"], bool(row["waited"])
 
 
-async def newest(conn: asyncpg.Connection) -> Tick:
-    """The newest tick, taking none: how a bridge that does not tick polls."""
-    row = await conn.fetchrow(
-        "SELECT t.n, t.at, pg_notification_queue_usage() AS queue FROM pgbridge.ticks t ORDER BY t.n DESC LIMIT 1"
-    )
-    return Tick(int(row["n"]), row["at"], float(row["queue"]))
-
-
 async def tick_time(conn: asyncpg.Connection, n: int) -> datetime | None:
     """When tick ``n`` was taken: a tick taken again (after a crash lost it) has another time."""
     at: datetime | None = await conn.fetchval("SELECT at FROM pgbridge.ticks WHERE n = $1", n)
