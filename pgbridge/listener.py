@@ -9,13 +9,13 @@ lock the others wait on (``pgbridge.await_tick_v4``). The others LISTEN to nothi
 every listening backend of a database at every commit that notifies, whatever the channel, so a
 follower costs the database one lock wait and one read per tick, however many writers commit. Each
 bridge then reads the new ticks' changes from the change log in position order and routes them row by
-row. Its position is durable (ticks are), so after
-a lost connection it reconnects and continues from the row after the last one it routed: every committed
-change is routed once, in order, whatever happened to the connection. The lease query doubles as the
-liveness probe, with a timeout, so a connection that stops answering is replaced.
+row. Its position is durable (ticks are), so after a lost connection it reconnects and continues from
+the row after the last one it routed: every committed change is routed once, in order, whatever
+happened to the connection. The lease query doubles as the liveness probe, with a timeout, so a
+connection that stops answering is replaced.
 
 While the NOTIFY queue is half full or more, writers send no wake-ups (a full queue would fail their
-commits), so the listener polls; and it registers its LISTEN again, which moves its backend's place in
+commits), so the ticker polls; and it registers its LISTEN again, which moves its backend's place in
 the queue to the end, so that it is never what holds the queue back.
 """
 
