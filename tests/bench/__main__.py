@@ -973,7 +973,7 @@ async def subscriptions(port: int, collection: str) -> int:
 
 
 async def broad_filters(dsn: str) -> list[Result]:
-    """Issue 20's sweep: five subjects, each at its cap of connections (100, the default) with broad
+    """Filters that defeat the routing index: five subjects, each at its cap of connections (100, the default) with broad
     filters of 25 conditions that defeat the routing index; an honest client's delay from the commit of a
     100-row INSERT to its last row, vs. the same without the attackers (``--routing-budget`` at its
     default)."""
