@@ -973,8 +973,8 @@ async def subscriptions(port: int, collection: str) -> int:
 
 
 async def broad_filters(dsn: str) -> list[Result]:
-    """Filters that defeat the routing index: five subjects, each at its cap of connections (100, the default) with broad
-    filters of 25 conditions that defeat the routing index; an honest client's delay from the commit of a
+    """Five subjects, each at its cap of connections (100, the default) with broad filters of 25
+    conditions that defeat the routing index; an honest client's delay from the commit of a
     100-row INSERT to its last row, vs. the same without the attackers (``--routing-budget`` at its
     default)."""
     subjects, per_subject = (5, 10) if QUICK else (5, 100)
