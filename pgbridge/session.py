@@ -172,16 +172,16 @@ class Session:
 
     def send(self, message: Message) -> None:
         """Write a reply or a notice, whatever the backlog (they are small and few), after what is queued."""
-        if self.closing or self.transport.is_closing():
-            self.closing = True
-            return
-        self.outbox.append(message)
-        self._write_outbox()
+        self._write((message,))
 
     async def send_paced(self, messages: Sequence[Message]) -> None:
         """Write catch-up or snapshot messages, in one write, once the client has taken most of what waits
         for it."""
         await self.transport.drained()
+        self._write(messages)
+
+    def _write(self, messages: Sequence[Message]) -> None:
+        """Write ``messages`` now, after what is queued; nothing once the connection is closing."""
         if self.closing or self.transport.is_closing():
             self.closing = True
             return
@@ -444,7 +444,8 @@ class Session:
                         if self.closing:
                             return
                         batch, size = [], 0
-                await self.send_paced(batch)
+                if batch:
+                    await self.send_paced(batch)
                 if self.closing:
                     return
         except DatabaseUnavailable as exc:
