@@ -156,18 +156,23 @@ class Bridge:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
-async def pgbench_tps(pgbench: str, dsn: str, table: str, clients: int) -> float:
+async def pgbench_run(
+    pgbench: str, dsn: str, table: str, clients: int, seconds: int = WRITE_SECONDS
+) -> tuple[float, int]:
+    """One-row INSERT transactions into ``table`` by ``clients`` writers for ``seconds``: their tps, and
+    how many committed."""
     script = Path(tempfile.gettempdir()) / f"pgbridge-bench-{table}.sql"
     script.write_text(f"INSERT INTO {table} (title, author_id) VALUES ('hello world', 42);\n")
     proc = await asyncio.create_subprocess_exec(
-        pgbench, "-n", "-f", str(script), "-c", str(clients), "-j", "2", "-T", str(WRITE_SECONDS), dsn,
+        pgbench, "-n", "-f", str(script), "-c", str(clients), "-j", "2", "-T", str(seconds), dsn,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
-    found = re.search(rb"tps = ([0-9.]+)", out)
-    if found is None:
+    tps = re.search(rb"tps = ([0-9.]+)", out)
+    done = re.search(rb"number of transactions actually processed: (\d+)", out)
+    if tps is None or done is None:
         raise RuntimeError(f"pgbench failed: {err.decode()[-500:]}")
-    return float(found.group(1))
+    return float(tps.group(1)), int(done.group(1))
 
 
 async def drain(dsn: str, channel: str) -> Callable[[], Awaitable[None]]:
@@ -191,7 +196,7 @@ async def writers(cluster: Cluster, dsn: str) -> list[Result]:
                 elif table in ("pub", "polled"):
                     bridge = await Bridge(dsn, table).__aenter__()
                 try:
-                    tps = await pgbench_tps(pgbench, dsn, table, clients)
+                    tps = (await pgbench_run(pgbench, dsn, table, clients))[0]
                 finally:
                     if stop is not None:
                         await stop()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import asyncpg
 
-from tests.helpers import BridgeProcess, Cluster, free_port, token
+from tests.helpers import BridgeProcess, Cluster, token
 
 if TYPE_CHECKING:
     from tests.bench.__main__ import Result
@@ -84,18 +83,15 @@ def postgres_pids(cluster: Cluster) -> list[int]:
 @contextlib.asynccontextmanager
 async def bridges(dsn: str, count: int, tree: Path | None) -> AsyncIterator[list[BridgeProcess]]:
     """``count`` bridge processes, of this tree or of ``tree``, started at once and stopped after."""
-    env = {"PGBRIDGE_LOG_LEVEL": "WARNING", "PGBRIDGE_HEARTBEAT": "3600"}
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree)
-    started = [BridgeProcess(dsn, free_port(), env) for _ in range(count)]
+    from tests.bench.__main__ import serve, stop
+
+    env = {} if tree is None else {"PYTHONPATH": str(tree)}
+    started = await asyncio.gather(*(serve(dsn, **env) for _ in range(count)))
     try:
-        await asyncio.gather(*(b.ready() for b in started))
-        yield started
+        yield list(started)
     finally:
         for b in started:
-            b.proc.terminate()
-        for b in started:
-            b.proc.communicate(timeout=30)
+            stop(b)
 
 
 async def sample_waits(dsn: str, stop: asyncio.Event) -> tuple[float, float]:
@@ -118,8 +114,8 @@ async def sample_waits(dsn: str, stop: asyncio.Event) -> tuple[float, float]:
 
 
 async def one_count(cluster: Cluster, dsn: str, count: int, tree: Path | None, seconds: float) -> dict[str, float]:
-    script = Path(tempfile.gettempdir()) / "pgbridge-bench-replicas.sql"
-    script.write_text("INSERT INTO pub (title, author_id) VALUES ('hello world', 42);\n")
+    from tests.bench.__main__ import pgbench_run
+
     pgbench = str(Path(cluster.bin_path) / "pgbench")
     async with bridges(dsn, count, tree) as running:
         conn = await asyncpg.connect(dsn)
@@ -128,11 +124,7 @@ async def one_count(cluster: Cluster, dsn: str, count: int, tree: Path | None, s
         db_cpu, bridge_cpu, started = cpu_seconds(database), cpu_seconds(ours), time.monotonic()
         stop = asyncio.Event()
         waits = asyncio.create_task(sample_waits(dsn, stop))
-        proc = await asyncio.create_subprocess_exec(
-            pgbench, "-n", "-f", str(script), "-c", str(WRITERS), "-j", "2", "-T", str(round(seconds)), dsn,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        out, err = await proc.communicate()
+        tps, transactions = await pgbench_run(pgbench, dsn, "pub", WRITERS, round(seconds))
         stop.set()
         elapsed = time.monotonic() - started
         db_cpu = cpu_seconds(postgres_pids(cluster)) - db_cpu  # the writers' backends came and went
@@ -140,13 +132,8 @@ async def one_count(cluster: Cluster, dsn: str, count: int, tree: Path | None, s
         tick_waits, notify_waits = await waits
         ticks = await conn.fetchval("SELECT max(n) FROM pgbridge.ticks") - first_tick
         await conn.close()
-    found = re.search(rb"number of transactions actually processed: (\d+)", out)
-    tps = re.search(rb"tps = ([0-9.]+)", out)
-    if found is None or tps is None:
-        raise RuntimeError(f"pgbench failed: {err.decode()[-500:]}")
-    transactions = int(found.group(1))
     return {
-        "tps": float(tps.group(1)),
+        "tps": tps,
         "ticks/s": ticks / elapsed,
         "tick-lock waits": tick_waits,
         "notify-lock waits": notify_waits,
