@@ -17,6 +17,7 @@ by (:attr:`RowFilter.index`): the values of an equality or ``in``, else a numeri
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -40,7 +41,12 @@ Predicate = Callable[[Any], bool]
 
 
 def _timestamp(value: object) -> datetime | None:
-    if isinstance(value, str) and _TIMESTAMP.fullmatch(value):
+    return _instant(value) if isinstance(value, str) else None
+
+
+@functools.lru_cache(maxsize=4096)  # rows carry the same instants over and over (a created_at, an updated_at)
+def _instant(value: str) -> datetime | None:
+    if _TIMESTAMP.fullmatch(value):
         try:
             return datetime.fromisoformat(value)
         except ValueError:
@@ -64,48 +70,40 @@ def value_key(value: Any) -> Hashable:
     if isinstance(value, (int, float)):
         return ("n", value)
     if isinstance(value, str):
-        when = _timestamp(value)
+        when = _instant(value)
         if when is not None:
             return ("t", when.tzinfo is not None, when)
         return ("s", value)
     return ("x", id(value))
 
 
-class _Operand:
-    """A filter operand with its timestamp reading (and so its :func:`value_key`) worked out once."""
+_NUMBER = (int, float)  # rows are decoded by orjson: exact types, and a bool is never an int here
+_ORDER: dict[str, Callable[[Any, Any], bool]] = {
+    "lt": operator.lt, "lte": operator.le, "gt": operator.gt, "gte": operator.ge,
+}  # fmt: skip
 
-    __slots__ = ("instant", "value")
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        self.instant = _timestamp(value)
+def _ordering(op: str, operand: Any) -> Predicate:
+    """``row value <op> operand``, typed: a value of another type never matches."""
+    before = _ORDER[op]
+    if isinstance(operand, bool):
+        return lambda v: type(v) is bool and before(v, operand)
+    if _is_number(operand):
+        return lambda v: type(v) in _NUMBER and before(v, operand)
+    instant = _instant(operand)
+    if instant is None:
+        return lambda v: type(v) is str and before(v, operand)
+    aware = instant.tzinfo is not None
 
-    @property
-    def key(self) -> Hashable:
-        if self.instant is not None:
-            return ("t", self.instant.tzinfo is not None, self.instant)
-        return value_key(self.value)
+    def timed(v: Any) -> bool:
+        if type(v) is not str:
+            return False
+        when = _instant(v)
+        if when is not None and (when.tzinfo is not None) == aware:
+            return before(when, instant)
+        return before(v, operand)  # a timestamp and a string that is not one (or of the other kind): by code point
 
-    def compare(self, other: Any) -> int | None:
-        """Order ``other`` (a row value) against this operand: -1, 0, 1, or None when incomparable."""
-        a, b = other, self.value
-        if isinstance(a, bool) or isinstance(b, bool):
-            if not (isinstance(a, bool) and isinstance(b, bool)):
-                return None
-        elif _is_number(a) and _is_number(b):
-            pass
-        elif isinstance(a, str) and isinstance(b, str):
-            when = _timestamp(a) if self.instant is not None else None
-            if when is not None and self.instant is not None and (when.tzinfo is None) == (self.instant.tzinfo is None):
-                a, b = when, self.instant
-        else:
-            return None
-        return int(a > b) - int(a < b)
-
-    def equals(self, other: Any) -> bool:
-        if self.value is None or other is None:
-            return self.value is None and other is None
-        return self.compare(other) == 0
+    return timed
 
 
 def _scalar(value: object) -> bool:
@@ -141,28 +139,21 @@ def _predicate(column: str, op: str, operand: Any) -> tuple[Predicate, Index]:
     if op in ("eq", "neq"):
         if not _scalar(operand):
             raise bad("a string, number, boolean or null")
-        o = _Operand(operand)
+        key = value_key(operand)
         if op == "eq":
-            return o.equals, Equality(column, frozenset((o.key,)))
-        return (lambda v: not o.equals(v)), None
+            return (lambda v: value_key(v) == key), Equality(column, frozenset((key,)))
+        return (lambda v: value_key(v) != key), None
     if op == "in":
         if not isinstance(operand, list) or not operand or len(operand) > MAX_IN_VALUES:
             raise bad(f"a list of 1 to {MAX_IN_VALUES} values")
         if not all(_scalar(x) for x in operand):
             raise bad("a list of strings, numbers, booleans or nulls")
-        options = [_Operand(x) for x in operand]
-        return (lambda v: any(o.equals(v) for o in options)), Equality(column, frozenset(o.key for o in options))
+        keys = frozenset(value_key(x) for x in operand)
+        return (lambda v: value_key(v) in keys), Equality(column, keys)
     if operand is None or not _scalar(operand):
         raise bad("a string, number or boolean")
-    o = _Operand(operand)
     bound = Bound(column, operand, op in ("gt", "gte"), op in ("gte", "lte")) if _is_number(operand) else None
-    if op == "lt":
-        return (lambda v: (c := o.compare(v)) is not None and c < 0), bound
-    if op == "lte":
-        return (lambda v: (c := o.compare(v)) is not None and c <= 0), bound
-    if op == "gt":
-        return (lambda v: (c := o.compare(v)) is not None and c > 0), bound
-    return (lambda v: (c := o.compare(v)) is not None and c >= 0), bound
+    return _ordering(op, operand), bound
 
 
 @dataclass(frozen=True, slots=True)
