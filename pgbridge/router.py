@@ -163,7 +163,8 @@ class Router:
     Routing work is bounded per change (one change-log entry, up to 1000 rows): ``budget`` is how many
     filter conditions may be evaluated for it. Deliveries do not count (a row costs what its matches
     cost, and a broadcast must stay one), only evaluations, which filters whose indexed condition is
-    broad (``{"id": {"lt": 1e15}, ...}``) can make every row pay for every subscription. Past the budget,
+    broad (``{"id": {"lt": 1e15}, ...}``) can make every row pay for every subscription. Each row is priced
+    before it is evaluated (its candidates' conditions, times the rows left in the change). Past the budget,
     the subject (``payer``) whose live filters on the collection cost most stops being routed live for
     this collection: its subscriptions go through ``on_behind`` and are fed from the change log, at
     their own pace, beside everyone else's live delivery. Then the next costliest, while still over.
@@ -262,7 +263,6 @@ class Router:
         if not buckets:
             return
         behind: list[Subscription] = []
-        spent = 0
         if change.kind == "truncate":
             message = protocol.resync_required(change.collection, change.event_id(0))
             for bucket in buckets.values():
@@ -273,26 +273,34 @@ class Router:
                 self._spending, self._spent, self._held = change, 0, set()
             row = _Row(change, index, self.tenant_column, parse=self.tenant_column is not None
                        or self._filtered.get(change.collection, 0) > 0)  # fmt: skip
-            for tenant in row.tenants():
-                found = buckets.get(tenant)
-                if found is None:
-                    continue
-                for group in found.candidates(row.values()) if row.parsed else found.groups.values():
-                    spent += len(group.filter.conditions)
-                    kind = row.verdict(group.filter, group.tenant)
-                    if kind is not None and kind in group.operations:
-                        _offer(group, row.message(kind), behind)
+            candidates = self._candidates(buckets, row)
+            spent = sum(len(group.filter.conditions) for group in candidates)
+            # Priced before it is paid: this row's work for each row left, the budget's share of this change.
+            if spent and self._spent + spent * (change.units - index) > self.budget:
+                self._defer(change, index, self._spent + spent * (change.units - index))
+                buckets = self._collections.get(change.collection)
+                candidates = self._candidates(buckets, row) if buckets else []
+                spent = sum(len(group.filter.conditions) for group in candidates)
+            for group in candidates:
+                kind = row.verdict(group.filter, group.tenant)
+                if kind is not None and kind in group.operations:
+                    _offer(group, row.message(kind), behind)
             self._spent += spent
+            if index + 1 == change.units:
+                self._held = set()
         for sub in behind:
             self.detach(sub)
             if self._on_behind is not None:
                 self._on_behind(sub, change, index)
-        if change.kind != "truncate":  # those behind are fed already: only live ones are deferred
-            projected = self._spent + spent * (change.units - index - 1)
-            if projected > self.budget and index + 1 < change.units:
-                self._defer(change, index + 1, projected)
-            elif index + 1 == change.units:
-                self._held = set()
+
+    def _candidates(self, buckets: dict[Hashable, _Bucket], row: _Row) -> list[_Group]:
+        """The groups that may want ``row``: its tenants' groups, through the index when the row is parsed."""
+        found: list[_Group] = []
+        for tenant in row.tenants():
+            bucket = buckets.get(tenant)
+            if bucket is not None:
+                found += bucket.candidates(row.values()) if row.parsed else bucket.groups.values()
+        return found
 
     def holds(self, sub: Subscription) -> bool:
         """Whether ``sub``'s subject was deferred for the change being routed: it may not rejoin live
