@@ -9,6 +9,9 @@ in order, with no gap and no duplicate.
 
 A feed may carry several subscriptions of one session (an SSE stream, whose one ``Last-Event-ID``
 resumes all its collections): they are fed together, in position order across their collections.
+
+Feeds take :class:`Turns` on the event loop: one feeds at a time, for a few milliseconds, so that however
+many clients catch up at once, the loop still reads the database and the live clients between two turns.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pgbridge.router import Router, Subscription
 
 log = logging.getLogger(__name__)
 _failing_log = OncePer(60)  # one line a minute for each reason, whichever feeds it stops
-_YIELD_EVERY = 0.005  # seconds of feeding between two yields to the event loop
+_TURN = 0.001  # seconds a feed may hold the event loop before it gives the next feed its turn
 
 
 class Sink(Protocol):
@@ -40,6 +43,9 @@ class Sink(Protocol):
 
     def send(self, message: protocol.Message) -> None:
         """Queue a message now, whatever the client's backlog."""
+
+    def backlogged(self) -> bool:
+        """Whether :meth:`send_paced` would first wait for the client to take what waits for it."""
 
     async def send_paced(self, messages: Sequence[protocol.Message]) -> None:
         """Send ``messages``, first waiting while the client's socket has too much unsent data."""
@@ -57,6 +63,64 @@ class LogReader(Protocol):
         """As :func:`pgbridge.changelog.count`; raises :class:`DatabaseUnavailable`."""
 
 
+class Turns:
+    """The feeds' share of the event loop: one feed at a time holds the turn, for at most ``turn`` seconds
+    of work, then the next waiting feed has it (first come, first served).
+
+    Each feed yielding on its own would not do: the loop runs every ready task in one pass, so a hundred
+    feeds that each work 5 ms between yields keep the listener and the live clients waiting half a second.
+    With turns, they wait one turn. A feed gives its turn up before it waits for anything else (its
+    client's socket, the listener), so a slow client never holds the others back.
+    """
+
+    def __init__(self, turn: float = _TURN) -> None:
+        self.turn = turn
+        self._holder: object | None = None
+        self._since = 0.0
+        self._waiting: deque[tuple[object, asyncio.Future[None]]] = deque()
+        self._handing = False  # a hand-off to the first waiting feed is scheduled
+
+    async def take(self, feed: object) -> None:
+        """Return with ``feed`` holding the turn: at once if it holds it and its time is not up, else after
+        every feed that asked before it had its turn, and never in the pass of the loop where the turn was
+        last given up."""
+        loop = asyncio.get_running_loop()
+        if self._holder is feed:
+            if loop.time() - self._since < self.turn:
+                return
+            self.give(feed)
+        waiter = loop.create_future()
+        self._waiting.append((feed, waiter))
+        if self._holder is None and not self._handing:
+            self._handing = True
+            loop.call_soon(self._hand_on)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if self._holder is feed:  # handed the turn as it was cancelled: pass it on
+                self.give(feed)
+            elif (feed, waiter) in self._waiting:  # else a hand-off passed it over already
+                self._waiting.remove((feed, waiter))
+            raise
+
+    def give(self, feed: object) -> None:
+        """``feed`` gives its turn up (nothing if it does not hold it): the longest waiting feed has it next."""
+        if self._holder is feed:
+            self._holder = None
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        self._handing = False
+        if self._holder is not None:
+            return
+        while self._waiting:
+            feed, waiter = self._waiting.popleft()
+            if not waiter.done():
+                self._holder, self._since = feed, asyncio.get_running_loop().time()
+                waiter.set_result(None)  # it runs on the loop's next pass, after the loop polled for I/O
+                return
+
+
 class Feed:
     """Feeds ``subs``, which are not live, the rows after ``done``; then makes them live.
 
@@ -72,12 +136,14 @@ class Feed:
         listener: Listener,
         history: History,
         reader: LogReader,
+        turns: Turns,
         done: Position,
         first: Change | None = None,
     ) -> None:
         self.subs = {sub.collection: sub for sub in subs}
         self.collections = tuple(sorted(self.subs))
         self._sink, self._router, self._listener, self._history, self._reader = sink, router, listener, history, reader
+        self._turns = turns
         self.done = done
         """Every row up to this position is delivered (or was not for these subscriptions)."""
         self._queue: deque[Change] = deque()
@@ -110,28 +176,42 @@ class Feed:
 
     async def run(self) -> None:
         """Feed until caught up, and return with the subscriptions live."""
-        listener = self._listener
+        try:
+            await self._run()
+        finally:
+            self._turns.give(self)
+
+    async def _run(self) -> None:
+        listener, turns = self._listener, self._turns
         delay = 0.1
         while not self._sink.closing:
             head = listener.head
             if self.done > head:
+                turns.give(self)
                 await listener.advanced()
                 continue
             if self._queue:
                 if not await self._send_queued():  # the next row is beyond the head
                     if self._join():
                         return
+                    turns.give(self)
                     await listener.advanced()
                 continue
             if self._after >= head[:2]:
                 if self._join():
                     return
+                turns.give(self)
                 await listener.advanced()
                 continue
             try:
                 if self._passed is None:
+                    turns.give(self)
                     await self._count(head)
-                self._fetch(head) if self._history.covers(self._after) else await self._read(head)
+                if self._history.covers(self._after):
+                    self._fetch(head)
+                else:
+                    turns.give(self)
+                    await self._read(head)
             except Pruned:
                 self._join(held=False)
                 for collection in self.collections:
@@ -187,10 +267,10 @@ class Feed:
     async def _send_queued(self) -> bool:
         """Send queued rows up to the listener's head; False when the next row is beyond it.
 
-        Other clients' live messages go out meanwhile: a feed yields every few milliseconds, however fast
-        its client reads (a deferred subject's filters can take long to evaluate)."""
-        loop = asyncio.get_running_loop()
-        yielded = loop.time()
+        Rows are sent in the feed's turns (:class:`Turns`), which live routing goes before: other clients'
+        live messages go out meanwhile, however fast this client reads (a deferred subject's filters can
+        take long to evaluate)."""
+        turns, listener, sink = self._turns, self._listener, self._sink
         while self._queue:
             change = self._queue[0]
             sub = self.subs[change.collection]
@@ -199,25 +279,24 @@ class Feed:
                 position = change.position(row)
                 if position <= self.done:
                     continue
-                if position > self._listener.head:
+                if position > listener.head:
                     return False
-                if self._listener.routing:
-                    await self._listener.quiet()
-                    yielded = loop.time()
-                    if self._sink.closing:
-                        return True
+                await turns.take(self)
+                while listener.routing:
+                    turns.give(self)
+                    await listener.quiet()
+                    await turns.take(self)
+                if sink.closing:
+                    return True
                 message = self._router.message_for(sub, change, row)
                 if message is not None:
-                    await self._sink.send_paced((message,))
-                    if self._sink.closing:
+                    if sink.backlogged():
+                        turns.give(self)
+                    await sink.send_paced((message,))
+                    if sink.closing:
                         return True
                 self.done = position
                 if self._passed is not None:
                     self._passed += 1
-                if loop.time() - yielded > _YIELD_EVERY:
-                    await asyncio.sleep(0)
-                    yielded = loop.time()
-                    if self._sink.closing:
-                        return True
             self._queue.popleft()
         return True

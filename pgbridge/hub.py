@@ -26,7 +26,7 @@ from pgbridge.auth import Grant, TokenPolicy
 from pgbridge.config import Settings
 from pgbridge.errors import AuthError, DatabaseUnavailable
 from pgbridge.events import Change
-from pgbridge.feed import Feed
+from pgbridge.feed import Feed, Turns
 from pgbridge.history import History
 from pgbridge.listener import Listener, ListenerSettings
 from pgbridge.logs import OncePer
@@ -57,6 +57,8 @@ class Bridge:
     per_subject: Counter[str] = field(default_factory=Counter)
     cost_per_subject: Counter[str] = field(default_factory=Counter)
     feeds: set[Feed] = field(default_factory=set)
+    turns: Turns = field(default_factory=Turns)
+    """Catching-up feeds' turns on the event loop."""
     publications: frozenset[str] | None = None
     stats: changelog.Stats | None = None
     capture_problems: dict[str, str] = field(default_factory=dict)

@@ -57,6 +57,9 @@ class Transport(Protocol):
     def is_closing(self) -> bool:
         """True once the connection is closing or gone: writes are dropped."""
 
+    def paused(self) -> bool:
+        """Whether :meth:`drained` would wait."""
+
     async def drained(self) -> None:
         """Return once the client has taken most of what waits for it."""
 
@@ -173,6 +176,10 @@ class Session:
     def send(self, message: Message) -> None:
         """Write a reply or a notice, whatever the backlog (they are small and few), after what is queued."""
         self._write((message,))
+
+    def backlogged(self) -> bool:
+        """Whether :meth:`send_paced` would first wait for the client."""
+        return self.transport.paused()
 
     async def send_paced(self, messages: Sequence[Message]) -> None:
         """Write catch-up or snapshot messages, in one write, once the client has taken most of what waits
@@ -383,7 +390,7 @@ class Session:
 
     def _feed(self, subs: list[Subscription], done: Position, first: Change | None = None) -> Feed:
         bridge = self.bridge
-        return Feed(subs, self, bridge.router, bridge.listener, bridge.history, bridge, done, first)
+        return Feed(subs, self, bridge.router, bridge.listener, bridge.history, bridge, bridge.turns, done, first)
 
     async def _run(self, feed: Feed) -> None:
         bridge = self.bridge

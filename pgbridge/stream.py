@@ -35,8 +35,12 @@ class Stream:
         """Bytes written and not yet taken by the operating system (a method, bound once: it is hot)."""
         self.is_closing: Callable[[], bool] = transport.is_closing
 
+    def paused(self) -> bool:
+        """Whether asyncio's flow control has paused writing to this client (see the buffer limits)."""
+        return bool(self._protocol.writing_paused)
+
     async def drained(self) -> None:
-        """Wait while asyncio's flow control has paused writing to this client (see the buffer limits)."""
+        """Wait while asyncio's flow control has paused writing to this client."""
         if self._protocol.writing_paused:
             # how aiohttp's own writers wait for a socket; a connection that is gone lets writes drop
             with contextlib.suppress(ConnectionError):

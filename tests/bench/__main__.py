@@ -977,6 +977,11 @@ async def subscriptions(port: int, collection: str) -> int:
     return int(float(found.group(1))) if found else 0
 
 
+async def only_honest(port: int) -> bool:
+    """Whether the bridge has closed the attackers: the next round starts alone."""
+    return await subscriptions(port, "posts") == 1
+
+
 async def broad_filters(dsn: str) -> list[Result]:
     """Five subjects, each at its cap of connections (100, the default) with broad filters of 25
     conditions that defeat the routing index; an honest client's delay from the commit of a
@@ -1012,6 +1017,7 @@ async def broad_filters(dsn: str) -> list[Result]:
                     await asyncio.sleep(0.2)  # the deferred subjects are fed from the change log meanwhile
                 if case == "attacked":
                     await attackers.close()
+                    await wait_for(lambda: only_honest(bridge.port), what="the attackers' connections closed")
         await conn.close()
     finally:
         await honest.close()
