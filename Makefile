@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# The tests that exercise PostgreSQL itself, run again on each other version CI covers.
-VERSION_TESTS := tests/db/test_capture.py tests/db/test_recovery.py tests/process/test_sql_and_cli.py tests/db/test_ticker.py \
-                 tests/db/test_core.py tests/db/test_access.py tests/db/test_flow_control.py tests/db/test_sessions.py \
-                 tests/unit
+# The in-process tests (bridges on this process's event loop), with those of the commands, run again on each
+# other PostgreSQL version and event loop CI covers.
+VERSION_TESTS := tests/db tests/unit tests/process/test_sql_and_cli.py
+# Tests run in parallel, each worker on a PostgreSQL of its own: most of a test's time is spent waiting on
+# sockets and timers, not on the CPU.
+TEST_WORKERS ?= 4
 
 .PHONY: run test test-versions lint bench clean system-packages
 
@@ -21,15 +23,15 @@ run: $(STAMP)
 	$(BIN)/pgbridge dev
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
-# The tests that exercise PostgreSQL itself (in process, so they also run the event loop's other ways):
-# on PostgreSQL 15 (Debian's package, which .ci/run installs) under uvloop, which `--loop auto` picks in
-# production, and on 16 (the embedded wheel's) in asyncio's debug mode, which reports coroutines never
-# awaited, callbacks that hold the loop and resources never closed. `make test` covers 18 on asyncio.
+# The in-process tests on PostgreSQL 15 (Debian's package, which .ci/run installs) under uvloop, which
+# `--loop auto` picks in production, and on 16 (the embedded wheel's) in asyncio's debug mode, which reports
+# coroutines never awaited, callbacks that hold the loop and resources never closed. `make test` runs every
+# test on 18 under asyncio.
 test-versions: $(STAMP)
-	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q $(VERSION_TESTS)
-	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q $(VERSION_TESTS)
+	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
+	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pgbridge tests

@@ -1,5 +1,5 @@
-"""The harness every test shares: one PostgreSQL, a fresh database per test (dropped after), bridges
-that always stop, and a failure for any exception a background task left unhandled.
+"""The harness every test shares: one PostgreSQL (per pytest-xdist worker), a fresh database per test (dropped
+after), bridges that always stop, and a failure for any exception a background task left unhandled.
 
 Tests are grouped by kind: ``unit/`` (no I/O), ``db/`` (a real PostgreSQL, bridges in process),
 ``process/`` (``pgbridge`` commands and bridges as processes), ``browser/`` (a real Chromium), and

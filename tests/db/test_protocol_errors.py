@@ -233,6 +233,7 @@ def _unsigned(claims: dict[str, object]) -> str:
         (jwt.encode({"sub": "no exp", "collections": "*"}, SECRET, algorithm="HS256"), "Authentication failed"),
         (token(nbf=int(time.time()) + 3600), "Authentication failed"),
     ],
+    ids=["none", "empty", "garbage", "another secret", "unsigned", "expired", "no exp", "not yet valid"],
 )
 async def test_bad_tokens_close_with_1008(bridge: RunningBridge, tok: str | None, reason: str) -> None:
     assert await closed_with(bridge, bridge.url(tok)) == (1008, reason)

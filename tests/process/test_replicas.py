@@ -195,7 +195,7 @@ class Replicas:
         the client had to drop as a repeat. Returns the rows committed."""
         self.stop_writing.set()
         commits = sum(await asyncio.gather(*self.writers))
-        assert commits > 20
+        assert commits >= 5, f"the writers committed only {commits} transactions: the scenario ran without writes"
         rows = await db.fetchval("SELECT count(*) FROM posts")
         await wait_for(lambda: all(f.received >= rows for f in self.followers), timeout=30,
                        what=f"the {rows} rows committed to reach every client")  # fmt: skip
