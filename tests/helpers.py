@@ -249,6 +249,12 @@ async def raw_upgrade(port: int, tok: str) -> tuple[asyncio.StreamReader, asynci
     return reader, writer
 
 
+def small_receive_buffer(ws: Any) -> None:
+    """Fix the receive buffer of client ``ws``'s socket at 64 KiB: autotuned, the kernel would take megabytes
+    that a test of a slow reader means to wait at the server."""
+    ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from tests.helpers import (
     RunningBridge,
     raw_upgrade,
     recv,
+    small_receive_buffer,
     subscribe,
     token,
     until_quiet,
@@ -159,6 +160,7 @@ async def test_catching_up_survives_a_listener_reconnect_and_pruning(
     await db.execute(POSTS)
     running = await start_bridge(dsn, probe_interval=0.5, history_bytes=64 * 1024, outbound_limit=64 * 1024)
     async with running.connect(max_queue=1) as slow:
+        small_receive_buffer(slow)
         await subscribe(slow, "posts")
         written = await flood_until_behind(db, running)
         pid = await listener_pid(dsn)
@@ -261,6 +263,7 @@ async def test_health_reports_clients_catching_up(dsn: str, db: asyncpg.Connecti
     await db.execute(POSTS)
     running = await start_bridge(dsn, outbound_limit=64 * 1024, history_bytes=64 * 1024)
     async with running.connect(max_queue=1) as slow:
+        small_receive_buffer(slow)
         await subscribe(slow, "posts")
         before = running.bridge.frames_sent
         written = await flood_until_behind(db, running)
@@ -291,6 +294,7 @@ async def test_health_counts_the_lag_of_a_client_resuming_from_far_back(
         events = await until_quiet(ws, 1)
         assert len(events) == 600
     async with running.connect(max_queue=1) as again:
+        small_receive_buffer(again)
         await subscribe(again, "posts", since=events[0]["id"])
         before = running.bridge.frames_sent
         await wait_for(lambda: held_back(running), what="the resuming client to be counted and held back")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.helpers import (
     collect,
     recv,
     send,
+    small_receive_buffer,
     subscribe,
     token,
     until_quiet,
@@ -144,8 +144,7 @@ async def test_a_slow_reader_of_a_large_snapshot_is_paced_and_one_that_stops_is_
             return found
 
         session.transport.buffered = watched  # type: ignore[method-assign]
-        # A small receive buffer, fixed: autotuned, the kernel would take the whole snapshot (12 MB).
-        ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        small_receive_buffer(ws)  # autotuned, the kernel would take the whole snapshot (12 MB)
         await subscribe(ws, "items", snapshot=True)
         received = 0
         while (message := await recv(ws))["type"] == "items.snapshot":
@@ -158,7 +157,7 @@ async def test_a_slow_reader_of_a_large_snapshot_is_paced_and_one_that_stops_is_
     assert running.bridge.closed["Slow consumer"] == 0
     assert 0 < peak <= limit  # the snapshot never waited in memory beyond the client's budget
     async with running.connect(max_queue=1) as stopped:
-        stopped.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        small_receive_buffer(stopped)
         await subscribe(stopped, "items", snapshot=True)
         await asyncio.sleep(4)  # reads nothing: past the stall timeout
         assert await close_frame(stopped, discard=True) == (1013, "Slow consumer")
