@@ -227,9 +227,9 @@ class Bridge:
             raise
 
     @contextlib.asynccontextmanager
-    async def snapshot(self, collection: str) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
-        """The rows of ``collection`` read in one database snapshot, and the tick that snapshot is: every
-        change of a transaction it saw is at or before that tick, every other one after it.
+    async def snapshot(self, collection: str) -> AsyncIterator[tuple[int, AsyncIterator[list[bytes]]]]:
+        """The rows of ``collection`` read in one database snapshot, page by page, and the tick that snapshot
+        is: every change of a transaction it saw is at or before that tick, every other one after it.
 
         At most ``--max-snapshots`` run at once; more wait their turn.
         """
@@ -239,11 +239,11 @@ class Bridge:
                 tick = await self._snapshot_tick(pool, reader)
                 await reader.execute(f"SELECT pgbridge.snapshot_v3($1, '{SNAPSHOT_CURSOR}')", collection)
             self.snapshots += 1
-            rows = self._rows(reader)
+            pages = self._pages(reader)
             try:
-                yield tick, rows
+                yield tick, pages
             finally:
-                await rows.aclose()
+                await pages.aclose()
 
     async def _snapshot_tick(self, pool: asyncpg.Pool, reader: asyncpg.Connection) -> int:
         """Start ``reader``'s transaction on the snapshot of a tick; return the tick.
@@ -259,20 +259,30 @@ class Bridge:
             await reader.execute(f"SET TRANSACTION SNAPSHOT '{row['snapshot']}'")
         return int(row["n"])
 
-    async def _rows(self, reader: asyncpg.Connection) -> AsyncGenerator[bytes]:
-        """The snapshot's rows as JSON, fetched a page at a time (about 4 MB of rows per page)."""
-        size = 100
-        while True:
+    async def _pages(self, reader: asyncpg.Connection) -> AsyncGenerator[list[bytes]]:
+        """The snapshot's rows as JSON, a page at a time (about 4 MB of rows per page). The next page is
+        fetched while the one before is sent: the database and the client work at once."""
+
+        async def fetch(size: int) -> list[asyncpg.Record]:
             with database.errors():
-                page = await reader.fetch(f"FETCH {size} FROM {SNAPSHOT_CURSOR}")
-            if not page:
-                return
-            total = 0
-            for record in page:
-                raw = record[0].encode()
-                total += len(raw)
-                yield raw
-            size = max(1, min(1000, _SNAPSHOT_PAGE_BYTES * len(page) // max(total, 1)))
+                page: list[asyncpg.Record] = await reader.fetch(f"FETCH {size} FROM {SNAPSHOT_CURSOR}")
+            return page
+
+        ahead = asyncio.ensure_future(fetch(100))
+        try:
+            while True:
+                page = [record[0].encode() for record in await ahead]
+                if not page:
+                    return
+                size = max(1, min(1000, _SNAPSHOT_PAGE_BYTES * len(page) // max(sum(map(len, page)), 1)))
+                ahead = asyncio.ensure_future(fetch(size))
+                await asyncio.sleep(0)  # it sends its FETCH now, not when sending this page next waits
+                yield page
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(BaseException):  # its error, if any, is the reader's, which goes back
+                await ahead
 
     # -- running --------------------------------------------------------------------------------------
 

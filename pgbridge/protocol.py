@@ -11,6 +11,7 @@ Error texts are part of the protocol (see the README); clients may match on them
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -292,8 +293,14 @@ def data_event(collection: str, op: Op, timestamp: str, id: str, data: bytes, ol
 
 def snapshot_row(collection: str, data: bytes) -> Message:
     """One row of a snapshot: a row as it is now, with no position of its own."""
+    event, prefix = _snapshot_event(collection)
+    return Message(prefix + data + b"}", event)
+
+
+@functools.lru_cache(maxsize=1024)
+def _snapshot_event(collection: str) -> tuple[str, bytes]:
     event = f"{collection}.snapshot"
-    return Message(b"".join((b'{"type":"', event.encode(), b'","data":', data, b"}")), event)
+    return event, b'{"type":"' + event.encode() + b'","data":'
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -436,21 +436,24 @@ class Session:
         # Writing resumes below half the client's budget (stream.py): a batch of a quarter keeps it within.
         most = min(_SNAPSHOT_BATCH_BYTES, bridge.settings.outbound_limit // 4)
         try:
-            async with bridge.snapshot(name) as (tick, rows):
-                async for raw in rows:
-                    message = bridge.router.snapshot_message(sub, raw)
-                    if message is None:
-                        continue
-                    batch.append(message)
-                    size += len(raw)
-                    sent += 1
+            async with bridge.snapshot(name) as (tick, pages):
+                async for page in pages:
+                    for raw in page:
+                        message = bridge.router.snapshot_message(sub, raw)
+                        if message is None:
+                            continue
+                        batch.append(message)
+                        size += len(raw)
+                        sent += 1
+                        if sent == limit:
+                            break
+                        if len(batch) >= _SNAPSHOT_BATCH or size >= most:
+                            await self.send_paced(batch)
+                            if self.closing:
+                                return
+                            batch, size = [], 0
                     if sent == limit:
                         break
-                    if len(batch) >= _SNAPSHOT_BATCH or size >= most:
-                        await self.send_paced(batch)
-                        if self.closing:
-                            return
-                        batch, size = [], 0
                 if batch:
                     await self.send_paced(batch)
                 if self.closing:
