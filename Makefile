@@ -23,15 +23,15 @@ run: $(STAMP)
 	$(BIN)/pgbridge dev
 
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The in-process tests on PostgreSQL 15 (Debian's package, which .ci/run installs) under uvloop, which
 # `--loop auto` picks in production, and on 16 (the embedded wheel's) in asyncio's debug mode, which reports
 # coroutines never awaited, callbacks that hold the loop and resources never closed. `make test` runs every
 # test on 18 under asyncio.
 test-versions: $(STAMP)
-	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
-	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
+	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(VERSION_TESTS)
+	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(VERSION_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pgbridge tests
