@@ -107,15 +107,19 @@ async def channels(conn: asyncpg.Connection) -> dict[str, str]:
     return {r["purpose"]: r["name"] for r in await conn.fetch("SELECT purpose, name FROM pgbridge.channels")}
 
 
-async def durable(conn: asyncpg.Connection, patience: float) -> bool:
+async def durable(conn: asyncpg.Connection, patience: float, wal: Wal | None = None) -> bool:
     """Wait until everything committed so far, ticks included, is flushed to disk; True if it forced it.
 
     A tick whose commit is lost in a crash would be taken again with another snapshot, and the positions
     clients saw would change. Writers' commits flush the WAL all the time, so under load this waits for
     one of them instead of paying a flush of its own; after ``patience`` seconds it commits a transaction
-    synchronously, which flushes everything before it.
+    synchronously, which flushes everything before it. ``wal``: where the WAL stood after the last commit
+    that must be durable, when a statement since (:func:`read_with_wal`) said so; else it is asked.
     """
-    target, flushed = await conn.fetchrow("SELECT pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()")
+    if wal is None:
+        target, flushed = await conn.fetchrow("SELECT pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()")
+    else:
+        target, flushed = wal.inserted, wal.flushed
     if flushed >= target:
         return False
     deadline = asyncio.get_running_loop().time() + patience
@@ -215,9 +219,10 @@ async def tick_time(conn: asyncpg.Connection, n: int) -> datetime | None:
 # or part of one large tick, and sorts at most about two pages of entries: each tick's entries come from
 # the primary key in id order, bounded by the tick's id range.
 _READ = """
-SELECT w.oldest, w.last_tick, r.n, r.id, r.collection, r.op, r.ts, r.nrows, r.body, r.cut
+SELECT w.oldest, w.last_tick, w.inserted, w.flushed, r.n, r.id, r.collection, r.op, r.ts, r.nrows, r.body, r.cut
 FROM (
-    SELECT (SELECT min(n) FROM pgbridge.ticks) AS oldest,
+    SELECT pg_current_wal_insert_lsn() AS inserted, pg_current_wal_flush_lsn() AS flushed,
+           (SELECT min(n) FROM pgbridge.ticks) AS oldest,
            (SELECT max(s.n) FROM (SELECT t.n, sum(t.changes) OVER (ORDER BY t.n) - t.changes AS before
                                   FROM pgbridge.ticks t WHERE t.n >= $6 AND t.n <= $3
                                   ORDER BY t.n LIMIT $5) s
@@ -265,10 +270,32 @@ async def read(
     ``(tick, MAX_ID)``, meaning all of that tick. Raises :class:`Pruned` when retention has removed
     changes right after ``after``.
     """
+    changes, reached, _ = await read_with_wal(conn, after, upto, collections, limit)
+    return changes, reached
+
+
+@dataclass(frozen=True, slots=True)
+class Wal:
+    """Where the WAL stood as a statement ran: written up to ``inserted``, on disk up to ``flushed``."""
+
+    inserted: int
+    flushed: int
+
+
+async def read_with_wal(
+    conn: asyncpg.Connection,
+    after: tuple[int, int],
+    upto: int,
+    collections: tuple[str, ...] | None = None,
+    limit: int = PAGE,
+) -> tuple[list[Change], tuple[int, int], Wal]:
+    """As :func:`read`, and where the WAL stood as it ran: read right after a tick, what :func:`durable`
+    must see flushed (one round trip fewer per tick)."""
     tick_, change_id = after
     first = tick_ + 1 if change_id >= MAX_ID else tick_  # the first tick with anything left to read
     rows = await conn.fetch(_READ, tick_, change_id, upto, collections, limit, first, PAGE_BYTES)
     oldest, last_tick = rows[0]["oldest"], rows[0]["last_tick"]
+    wal = Wal(rows[0]["inserted"], rows[0]["flushed"])
     needed = tick_ if change_id >= MAX_ID else tick_ - 1  # the tick whose snapshot bounds what comes next
     if oldest is None or oldest > needed:
         raise Pruned(f"the change log no longer reaches back to tick {tick_}")
@@ -285,7 +312,7 @@ async def read(
             changes.append(make_change(r["n"], r["id"], r["collection"], r["op"], r["ts"], r["nrows"], r["body"]))
         except DecodeError as exc:
             log.error("skipping a damaged change-log entry: %s", exc)
-    return changes, reached
+    return changes, reached, wal
 
 
 async def count(

@@ -10,7 +10,7 @@ in order, with no gap and no duplicate.
 A feed may carry several subscriptions of one session (an SSE stream, whose one ``Last-Event-ID``
 resumes all its collections): they are fed together, in position order across their collections.
 
-Feeds take :class:`Turns` on the event loop: one feeds at a time, for a few milliseconds, so that however
+Feeds take :class:`Turns` on the event loop, one at a time and for a millisecond each, so that however
 many clients catch up at once, the loop still reads the database and the live clients between two turns.
 """
 

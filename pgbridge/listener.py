@@ -291,14 +291,15 @@ class Listener:
             await self._announce(conn, newest)
         loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):
+            wal: changelog.Wal | None = None
             try:
-                changes, reached = await changelog.read(conn, self._after, newest)
+                changes, reached, wal = await changelog.read_with_wal(conn, self._after, newest)
             except Pruned:
                 changes, reached = [], None
             if unflushed:
                 # Nothing of the tick is routed before it is durable; meanwhile its batch was read, and a
                 # writer's commit has likely flushed it.
-                await self._durable(conn, newest, taken)
+                await self._durable(conn, newest, wal)
                 unflushed = False
             if reached is None:
                 log.error(
@@ -333,12 +334,12 @@ class Listener:
                 self.ticks_read = reached[0]
             self._signal()
         if unflushed:
-            await self._durable(conn, newest, taken)
+            await self._durable(conn, newest)
         if self._after == (newest, MAX_ID):
             self._finished = (newest, taken)
 
-    async def _durable(self, conn: asyncpg.Connection, newest: int, taken: datetime) -> None:
-        self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience)
+    async def _durable(self, conn: asyncpg.Connection, newest: int, wal: changelog.Wal | None = None) -> None:
+        self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience, wal)
         await self._announce(conn, newest)
 
     async def _announce(self, conn: asyncpg.Connection, newest: int) -> None:
