@@ -36,6 +36,7 @@ LISTEN_ELSEWHERE = (
 POOLER_IGNORES = "synchronous_commit, default_transaction_isolation"
 """The startup parameters of the listener's connection that PgBouncer refuses unless told to ignore them."""
 
+_CONNECT_PATIENCE = 10.0  # seconds a check's own connection may take to open
 _MISSING = asyncpg.UndefinedTableError, asyncpg.InvalidSchemaNameError, asyncpg.UndefinedFunctionError
 
 
@@ -116,7 +117,8 @@ async def check_notifications(conn: asyncpg.Connection, dsn: str | None, patienc
 
     await conn.add_listener(channel, on_notification)
     try:
-        sender = await connect(dsn, timeout=patience, command_timeout=patience,
+        # Connecting may take longer than a query on a busy machine; what is checked is the notification.
+        sender = await connect(dsn, timeout=max(patience, _CONNECT_PATIENCE), command_timeout=patience,
                                server_settings={"application_name": "pgbridge-check"})  # fmt: skip
         try:
             await sender.execute("SELECT pg_notify($1, '')", channel)

@@ -342,7 +342,8 @@ async def test_handshakes_reset_before_the_reply_are_not_worth_a_traceback(
     await wait_for(lambda: bridge.bridge.handshakes == 0 and not bridge.bridge.sessions, what="the handshakes to end")
     async with bridge.connect() as ws:  # the server is fine
         await subscribe(ws, "posts")
-    noisy = [r for r in caplog.records if r.name.startswith(("aiohttp", "pgbridge")) and r.levelno >= logging.INFO]
+    noisy = [r for r in caplog.records if r.name.startswith(("aiohttp", "pgbridge")) and r.levelno >= logging.INFO
+             and r.name != "pgbridge.listener"]  # fmt: skip  # it may take the ticks only now, on a busy machine
     assert noisy == []
     about = [r for r in caplog.records if "during its WebSocket upgrade" in r.getMessage()]
     assert len(about) <= 1  # at most one line a minute, at DEBUG
