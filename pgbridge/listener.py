@@ -183,9 +183,10 @@ class Listener:
             await database.check_notifications(conn, s.dsn, s.probe_timeout)
             await changelog.check_schema(conn)
             wake_channel = (await changelog.channels(conn))["wake"]
-            polled = await self._publications(conn)
             if self._after is None:
-                # Start from now: what committed before is for clients that ask with `since`.
+                # Start from now: what committed before is for clients that ask with `since`. Clients can
+                # subscribe only once the publications are known, below: the position they are told, and
+                # go live from, is this one, never one before the listener has it.
                 newest = await changelog.newest_tick(conn)
                 self._after = (newest, MAX_ID)
                 self.head = (newest, MAX_ID, 0)
@@ -201,6 +202,7 @@ class Listener:
                     "data; every client is asked to resync", self._finished[0],
                 )  # fmt: skip
                 self._restart_at(await changelog.newest_tick(conn))
+            polled = await self._publications(conn)
             self.connected, self.problem, self._failures = True, None, 0
             log.info("reading changes from tick %d", self._after[0])
             relistened = leased = -LEASE
