@@ -64,6 +64,7 @@ async def test_a_throttled_client_gets_everything_once_in_order_and_others_are_n
     slow_ledger, fast_ledger, stop = Ledger(), Ledger(), asyncio.Event()
     fast_ages: list[float] = []
     async with running.connect(max_queue=1) as slow, running.connect() as fast:
+        small_receive_buffer(slow)
         await subscribe(slow, "posts")
         await subscribe(fast, "posts")
 
@@ -81,8 +82,11 @@ async def test_a_throttled_client_gets_everything_once_in_order_and_others_are_n
         fast_reader = asyncio.create_task(read_fast())
         slow_reader = asyncio.create_task(read_slowly())
         writers = [asyncio.create_task(write_for(dsn, stop, i, pad=2000)) for i in range(4)]
-        await asyncio.sleep(seconds)  # the writers run this long, the slow client always behind them
-        behind = len(running.bridge.feeds)
+        behind = 0  # the most clients seen catching up while the writers run
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            behind = max(behind, len(running.bridge.feeds))
+            await asyncio.sleep(0.05)
         stop.set()
         await asyncio.gather(*writers)
         await db.execute("INSERT INTO posts (title) VALUES ('end')")
@@ -91,7 +95,7 @@ async def test_a_throttled_client_gets_everything_once_in_order_and_others_are_n
         slow_ledger.add(await until_quiet(slow, 2))  # now at full speed
     await fast_ledger.verify(db, "posts")
     await slow_ledger.verify(db, "posts")
-    assert behind == 1, "the slow client was expected to be catching up while the writers ran"
+    assert behind >= 1, "the slow client was expected to be catching up while the writers ran"
     assert running.bridge.catchup_reads > 0  # it went past the history window, to the change log
     p99 = statistics.quantiles(fast_ages, n=100)[98]
     print(f"\nfast client: {len(fast_ages)} events, latency p50 {statistics.median(fast_ages) * 1000:.1f} ms, "
@@ -267,8 +271,17 @@ async def test_health_reports_clients_catching_up(dsn: str, db: asyncpg.Connecti
         await subscribe(slow, "posts")
         before = running.bridge.frames_sent
         written = await flood_until_behind(db, running)
-        await asyncio.sleep(1.1)  # the time passing is what is tested: the rows waiting grow a second old
+        # The kernel's send buffer, autotuned, may take what is left of a burst: write on until the server
+        # itself must wait for the client.
+        for _ in range(20):
+            if held_back(running):
+                break
+            await db.execute(FLOOD)
+            written += 100
+            await asyncio.sleep(0.2)
         await wait_for(lambda: held_back(running), what="the slow client to be held back")
+        await asyncio.sleep(1.1)  # the time passing is what is tested: the rows waiting grow a second old
+        assert held_back(running)  # it reads nothing, so nothing more was sent meanwhile
         body = await health(running.port)
         assert body["catching_up"] == 1
         assert body["catch_up_lag_seconds"] >= 1  # the row it waits to send was written over a second ago
