@@ -22,18 +22,19 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/pgbridge dev
 
-# The benchmark's short run comes after the rest, on its own: it takes both cores for a minute.
+# The browser tests and the benchmark's short run come after the rest, one at a time: Chromium and the
+# benchmark take both cores in bursts, and timing in a browser is what the browser tests check.
 test: lint
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --ignore=tests/bench
-	$(BIN)/python -m pytest -q tests/bench
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --ignore=tests/browser --ignore=tests/bench
+	$(BIN)/python -m pytest -q tests/browser tests/bench
 
 # The in-process tests on PostgreSQL 15 (Debian's package, which .ci/run installs) under uvloop, which
 # `--loop auto` picks in production, and on 16 (the embedded wheel's) in asyncio's debug mode, which reports
 # coroutines never awaited, callbacks that hold the loop and resources never closed. `make test` runs every
 # test on 18 under asyncio.
 test-versions: $(STAMP)
-	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(VERSION_TESTS)
-	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(VERSION_TESTS)
+	PGBRIDGE_TEST_LOOP=uvloop PGBRIDGE_TEST_POSTGRES=/usr/lib/postgresql/15/bin $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
+	PYTHONASYNCIODEBUG=1 PGBRIDGE_TEST_POSTGRES=16 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(VERSION_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pgbridge tests

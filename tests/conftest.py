@@ -35,14 +35,6 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
     return {"asyncio": asyncio.new_event_loop}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The browser tests run on one worker (``--dist loadgroup``), one Chromium at a time: a few at once
-    take both cores in bursts, and the timing of every other test with them."""
-    for item in items:
-        if item.nodeid.startswith("tests/browser/"):
-            item.add_marker(pytest.mark.xdist_group("browser"))
-
-
 @pytest.fixture(autouse=True)
 async def _no_unhandled_errors() -> AsyncIterator[None]:
     """Fail the test when the event loop reports an exception nobody handled (a task that died, a

@@ -752,7 +752,8 @@ async def test_at_the_connection_limit_the_client_waits_as_retry_after_says(
             await wait_for(lambda: not running.bridge.sessions, what="the slot to free")
             live = await p.until_state("live", timeout=30)
             first, second = await p.attempts(kind)  # no attempt in between: it waited
-            assert second["at"] - detail["at"] >= detail["delay"] - 5
+            # (the delay is counted from when the timer was set, a moment before the state was recorded)
+            assert second["at"] - detail["at"] >= detail["delay"] - 50
             assert live["at"] - first["at"] >= 5000
             assert running.bridge.closed["Connection limit"] >= 1
     finally:
