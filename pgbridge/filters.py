@@ -40,10 +40,6 @@ _MISSING = object()
 Predicate = Callable[[Any], bool]
 
 
-def _timestamp(value: object) -> datetime | None:
-    return _instant(value) if isinstance(value, str) else None
-
-
 @functools.lru_cache(maxsize=4096)  # rows carry the same instants over and over (a created_at, an updated_at)
 def _instant(value: str) -> datetime | None:
     if _TIMESTAMP.fullmatch(value):

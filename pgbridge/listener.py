@@ -132,7 +132,7 @@ class Listener:
     async def quiet(self) -> None:
         """Wait until no live routing is under way. Feeds (catching up, or deferred past the routing
         budget) call it before each row, so that live clients never wait behind them: however many feeds
-        there are, each runs at most a row between two slices of the listener's routing."""
+        there are, none runs between two slices of the listener's routing."""
         await self._quiet.wait()
 
     async def run(self) -> None:

@@ -41,7 +41,7 @@ class Stream:
 
     async def drained(self) -> None:
         """Wait while asyncio's flow control has paused writing to this client."""
-        if self._protocol.writing_paused:
+        if self.paused():
             # how aiohttp's own writers wait for a socket; a connection that is gone lets writes drop
             with contextlib.suppress(ConnectionError):
                 await self._protocol._drain_helper()
