@@ -469,9 +469,10 @@ async def test_reconnection_delays_grow_with_jitter_up_to_the_cap(start_bridge: 
     assert max(capped) > 0.6 * cap  # they reach up to the cap...
     assert len(set(capped)) == len(capped) and min(capped) < 0.4 * cap  # ...at random below it (jitter)
     assert sum(delays[:3]) / 3 < sum(capped) / len(capped)  # and grew to get there
-    # measured: the time between two retries is the delay asked for, plus the failed attempt
+    # measured: the time between two retries is the delay asked for, plus the failed attempt; uvloop's
+    # timers round to whole milliseconds, so a wait may end a little early
     gaps = [b - a for a, b in zip(sleeps.at, sleeps.at[1:40], strict=False)]
-    assert all(d <= g < d + 2 for d, g in zip(delays, gaps, strict=False)), (delays, gaps)
+    assert all(d - 0.002 <= g < d + 2 for d, g in zip(delays, gaps, strict=False)), (delays, gaps)
 
 
 async def test_the_default_backoff_is_full_jitter_from_half_a_second_to_twenty() -> None:
