@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 LOG_FORMAT = 2
 """The format of the change log this bridge reads (``pgbridge.log_format()``)."""
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The oldest schema (``pgbridge.migrations``) that has everything this bridge uses."""
 WAKE_BELOW = 0.5
 """Writers send wake-ups only while the NOTIFY queue is less full than this (``capture_v3``): past it,
@@ -147,28 +147,40 @@ class Lease:
     """A digest of the publications: it changes whenever they do."""
     key: int
     """The class of the advisory locks the ticker announces with (:func:`announce`)."""
+    announced: int
+    """The newest tick the ticker announced (0 before any)."""
+    announced_at: datetime | None
+    """When it was taken (None before any, or once pruned)."""
+    relay: tuple[str, str] | None
+    """Where the ticker relays its pages, and the secret to show there (None: it does not, or none ticks)."""
 
 
-async def lease(conn: asyncpg.Connection, holder: str, seconds: float) -> Lease:
+async def lease(conn: asyncpg.Connection, holder: str, seconds: float, relay: tuple[str, str] | None) -> Lease:
     """Take or renew the ticker lease for ``holder`` for ``seconds``, if it is free, lapsed or already
-    ``holder``'s; say whether ``holder`` holds it, with what every bridge checks that often.
+    ``holder``'s, recording ``relay`` (its URL and secret) as where it relays its pages; say whether
+    ``holder`` holds it, with what every bridge checks that often.
 
     The database's clock decides, so the bridges' clocks need not agree."""
     row = await conn.fetchrow(
         """WITH taken AS (
                UPDATE pgbridge.leases
-               SET holder = $1, until = clock_timestamp() + make_interval(secs => $2)
+               SET holder = $1, until = clock_timestamp() + make_interval(secs => $2), relay = $3, relay_secret = $4
                WHERE name = 'ticker' AND (holder = $1 OR until IS NULL OR until < clock_timestamp())
-               RETURNING 1
+               RETURNING relay, relay_secret
            )
-           SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue,
-                  (SELECT key FROM pgbridge.leases WHERE name = 'ticker') AS key,
+           SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue, l.key, l.announced,
+                  (SELECT t.at FROM pgbridge.ticks t WHERE t.n = l.announced) AS announced_at,
+                  CASE WHEN l.until >= clock_timestamp() THEN l.relay END AS relay, l.relay_secret,
                   (SELECT coalesce(md5(string_agg(p::text, ',' ORDER BY p.collection)), '')
-                   FROM pgbridge.publications p) AS publications""",
+                   FROM pgbridge.publications p) AS publications
+           FROM pgbridge.leases l WHERE l.name = 'ticker'""",
         holder,
         seconds,
+        *(relay or (None, None)),
     )
-    return Lease(bool(row["held"]), float(row["queue"]), row["publications"], int(row["key"]))
+    relayed = None if row["relay"] is None or row["relay_secret"] is None else (row["relay"], row["relay_secret"])
+    return Lease(bool(row["held"]), float(row["queue"]), row["publications"], int(row["key"]),
+                 int(row["announced"] or 0), row["announced_at"], relayed)  # fmt: skip
 
 
 async def release(conn: asyncpg.Connection, holder: str) -> None:

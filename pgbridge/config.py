@@ -31,6 +31,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    relay_port: int = 0
+    advertise_host: str | None = None
     jwt_secret: str | None = None
     jwt_secret_file: Path | None = None
     jwt_public_key: Path | None = None
@@ -88,6 +90,12 @@ class Settings:
             raise ConfigError("--loop must be auto, asyncio or uvloop")
         if not self.cors_origins:
             raise ConfigError("--cors-origins needs at least one origin, or * for any")
+        if not -1 <= self.relay_port <= 65535:
+            raise ConfigError("--relay-port must be a TCP port, 0 for any free one, or -1 for no relay")
+        if self.workers > 1 and self.relay_port > 0:
+            raise ConfigError(
+                "--relay-port with --workers: each worker relays on a port of its own; use 0 (any free port)"
+            )
         check_secret(self.jwt_secret)
 
 
@@ -174,6 +182,18 @@ SERVE = (
     _serve("host", str, "interface to listen on"),
     _serve("port", int, "TCP port"),
     _serve("workers", int, "processes sharing the port, each a whole bridge (SO_REUSEPORT)"),
+    _serve(
+        "relay_port",
+        int,
+        "TCP port, on --host, where this bridge relays the ticks it takes to the other bridges of the database "
+        "(0: any free port; -1: none, so they read every tick from the database)",
+    ),
+    _serve(
+        "advertise_host",
+        str,
+        "host name or address the other bridges reach the relay at (unset: --host, or "
+        "this machine's name when --host is a wildcard)",
+    ),
     *(Option(o.name, o.kind, _DEFAULTS[o.name], o.help) for o in SECRET),
     _serve("jwt_public_key", Path, "PEM public key file: accept RS256 (RSA) or ES256 (P-256) tokens instead"),
     _serve("jwt_audience", str, "require this aud claim"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 _TEXT = 0x81  # FIN + text opcode
+_BINARY = 0x82  # FIN + binary opcode
 
 PING = bytes((0x89, 0))
 """A ping with no payload."""
@@ -16,12 +17,21 @@ PING = bytes((0x89, 0))
 
 def text_frame(payload: bytes) -> bytes:
     """The complete frame carrying ``payload`` as one text message."""
+    return _frame(_TEXT, payload)
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """The complete frame carrying ``payload`` as one binary message."""
+    return _frame(_BINARY, payload)
+
+
+def _frame(first: int, payload: bytes) -> bytes:
     n = len(payload)
     if n < 126:
-        return bytes((_TEXT, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return struct.pack("!BBH", _TEXT, 126, n) + payload
-    return struct.pack("!BBQ", _TEXT, 127, n) + payload
+        return struct.pack("!BBH", first, 126, n) + payload
+    return struct.pack("!BBQ", first, 127, n) + payload
 
 
 def payload(frame: bytes) -> bytes:

@@ -32,6 +32,7 @@ from pgbridge.listener import Listener, ListenerSettings
 from pgbridge.logs import OncePer
 from pgbridge.metrics import Rate
 from pgbridge.protocol import Close
+from pgbridge.relay import RelayServer
 from pgbridge.router import Router, Subscription
 from pgbridge.session import Session
 
@@ -102,6 +103,7 @@ class Bridge:
             self._set_publications,
             self.history,
             self._gap,
+            None if s.relay_port < 0 else RelayServer(s.host, s.relay_port, s.advertise_host),
         )
         self.replay_slots = asyncio.Semaphore(s.max_replays)
         self.snapshot_slots = asyncio.Semaphore(s.max_snapshots)
@@ -294,10 +296,18 @@ class Bridge:
         # --listen-dsn of its own: the listener refuses one that receives no notifications. A bridge with one
         # DSN keeps the cache, which saves planning each catch-up read again (2 ms of a 3 ms read of ten entries).
         pooled = s.listen_dsn is not None and s.listen_dsn != s.dsn
-        self.pool = await asyncpg.create_pool(
-            s.dsn, min_size=0, max_size=s.max_replays + 2 * s.max_snapshots + 1, timeout=10,
-            server_settings={"application_name": "pgbridge"}, **(database.POOLED if pooled else {}),
-        )  # fmt: skip
+        relay = self.listener.relay
+        if relay is not None:
+            await relay.start()
+        try:
+            self.pool = await asyncpg.create_pool(
+                s.dsn, min_size=0, max_size=s.max_replays + 2 * s.max_snapshots + 1, timeout=10,
+                server_settings={"application_name": "pgbridge"}, **(database.POOLED if pooled else {}),
+            )  # fmt: skip
+        except BaseException:
+            if relay is not None:
+                await relay.stop()
+            raise
         tasks = [asyncio.create_task(self.listener.run(), name="pgbridge-listener")]
         for name, run in SIDE_TASKS.items():
             tasks.append(asyncio.create_task(_supervise(self, name, run), name=f"pgbridge-{name}"))
@@ -307,6 +317,8 @@ class Bridge:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, *self.background, return_exceptions=True)
+            if relay is not None:
+                await relay.stop()
             await self.pool.close()
 
     async def close_all(self, code: int, reason: str) -> None:

@@ -6,12 +6,14 @@ an empty notification on a channel whose name only pgbridge's roles can read (``
 so no other role can flood it. Woken (or every poll interval), it records a tick (``pgbridge.tick_v3``),
 and once the tick is durable it announces it: it records it in the lease and lets go of an advisory
 lock the others wait on (``pgbridge.await_tick_v4``). The others LISTEN to nothing: PostgreSQL signals
-every listening backend of a database at every commit that notifies, whatever the channel, so a
-follower costs the database one lock wait and one read per tick, however many writers commit. Each
-bridge then reads the new ticks' changes from the change log in position order and routes them row by
-row. Its position is durable (ticks are), so after a lost connection it reconnects and continues from
-the row after the last one it routed: every committed change is routed once, in order, whatever
-happened to the connection. The lease query doubles as the liveness probe, with a timeout, so a
+every listening backend of a database at every commit that notifies, whatever the channel. The ticker
+reads the new ticks' changes from the change log in position order and routes them row by row; it also
+relays each page it routes to the other bridges (:mod:`pgbridge.relay`), which route it in turn, so a
+follower costs the database nothing per tick. A follower that has no relay, or whose relay does not
+continue from where it is, waits for the announcement and reads the change log itself. A bridge's
+position is durable (ticks are), so after a lost connection it reconnects and continues from the row
+after the last one it routed: every committed change is routed once, in order, whatever happened to
+the connection. The lease query doubles as the liveness probe, with a timeout, so a
 connection that stops answering is replaced.
 
 While the NOTIFY queue is half full or more, writers send no wake-ups (a full queue would fail their
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+import aiohttp
 import asyncpg
 
 from pgbridge import changelog, database
@@ -42,6 +45,7 @@ from pgbridge.events import MAX_ID, Change, Position
 from pgbridge.history import History
 from pgbridge.logs import OncePer
 from pgbridge.metrics import Histogram
+from pgbridge.relay import Page, RelayLink, RelayLost, RelayServer
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +85,21 @@ class Listener:
         on_publications: Callable[[frozenset[str]], None],
         history: History,
         on_gap: Callable[[], None] = lambda: None,
+        relay: RelayServer | None = None,
     ) -> None:
         self._settings = settings
+        self.relay = relay
+        """Where this bridge relays its pages while it ticks (None: it does not)."""
+        self.link: RelayLink | None = None
+        """While it follows: its connection to the ticker's relay, if it has one."""
+        self._link_retry = 0.0
+        self._link_log = OncePer(60)
+        self._awaited: int | None = None  # a tick announced at the last lease check and not routed then
+        self._behind_log = OncePer(60)
+        self.relayed_pages = 0
+        """Pages of changes routed as the ticker's relay brought them."""
+        self.log_reads = 0
+        """Reads of ticks' changes from the change log."""
         self._route = route
         self._on_publications = on_publications
         self._on_gap = on_gap
@@ -211,12 +228,19 @@ class Listener:
                 wake.clear()
                 if time.monotonic() - leased >= LEASE / 4:
                     leased = time.monotonic()
-                    lease = await changelog.lease(conn, self.holder, LEASE)
+                    relay = self.relay
+                    ours = None if relay is None or relay.url is None else (relay.url, relay.secret)
+                    lease = await changelog.lease(conn, self.holder, LEASE, ours)
                     self.queue_usage, self._lock_class = lease.queue, lease.key
                     if lease.publications != publications:
                         polled, publications = await self._publications(conn), lease.publications
                     if lease.held != self.ticking:
                         await self._take_turn(conn, wake_channel, on_wake, lease.held)
+                    if not self.ticking:
+                        await self._check_link(conn, lease)
+                if self.link is not None and not self.ticking:
+                    await self._follow(conn, self.link)
+                    continue
                 if not self.ticking:
                     # Wait for the ticker's next announcement (it made the tick durable before), then read.
                     newest, at, waited = await changelog.await_tick(conn, self.newest_tick, LEASE / 4)
@@ -247,6 +271,9 @@ class Listener:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1):
                         await changelog.release(conn, self.holder)
+            if self.relay is not None:
+                self.relay.drop_all()
+            await self._drop_link()
             self.connected = self.ticking = False
             conn.terminate()
 
@@ -255,6 +282,7 @@ class Listener:
     ) -> None:
         """Become the ticker (listen for writers' wake-ups, take the ticks, announce them) or stop being it."""
         if ticking:
+            await self._drop_link()
             await conn.add_listener(channel, on_wake)
             self.takeovers += 1
             self._announced = -1  # the current tick is announced (again): its ticker may have died before it
@@ -263,6 +291,8 @@ class Listener:
             await conn.remove_listener(channel, on_wake)
             await conn.execute("SELECT pg_advisory_unlock_all()")  # the followers wait on the new ticker's
             self._held = None
+            if self.relay is not None:
+                self.relay.drop_all()  # its followers find the new ticker's relay in the lease
             log.info("another bridge took the ticks over; this one follows them")
         self.ticking = ticking
 
@@ -291,10 +321,10 @@ class Listener:
         self.newest_tick = max(newest, self.newest_tick)
         if not unflushed:
             await self._announce(conn, newest)
-        loop = asyncio.get_running_loop()
         while self._after < (newest, MAX_ID):
             wal: changelog.Wal | None = None
             try:
+                self.log_reads += 1
                 changes, reached, wal = await changelog.read_with_wal(conn, self._after, newest)
             except Pruned:
                 changes, reached = [], None
@@ -311,34 +341,102 @@ class Listener:
                 )
                 self._restart_at(newest)
                 break
-            yielded = loop.time()
-            self._quiet.clear()
-            try:
-                for change in changes:
-                    self.history.append(change)
-                    for row in range(change.units):
-                        self._route(change, row)
-                        self.head = change.position(row)
-                        self.delivered += 1
-                        self.routed[change.collection] += 1
-                        if loop.time() - yielded > _YIELD_EVERY:
-                            self._signal()
-                            await asyncio.sleep(0)
-                            yielded = loop.time()
-                    self.latency.observe(time.time() - datetime.fromisoformat(change.timestamp).timestamp())
-            finally:
-                self._quiet.set()
             if reached == self._after:
+                await self._apply(changes, reached)
                 break
-            self._after = reached
-            if reached[1] == MAX_ID:
-                self.head = (reached[0], MAX_ID, 0)
-                self.ticks_read = reached[0]
-            self._signal()
+            if self.ticking and self.relay is not None:
+                self.relay.publish(Page(self._after, reached, newest, taken, changes))
+            await self._apply(changes, reached)
         if unflushed:
             await self._durable(conn, newest)
         if self._after == (newest, MAX_ID):
             self._finished = (newest, taken)
+
+    async def _apply(self, changes: list[Change], reached: tuple[int, int]) -> None:
+        """Route ``changes``, read after where this bridge is, and move on to ``reached``."""
+        loop = asyncio.get_running_loop()
+        yielded = loop.time()
+        self._quiet.clear()
+        try:
+            for change in changes:
+                self.history.append(change)
+                for row in range(change.units):
+                    self._route(change, row)
+                    self.head = change.position(row)
+                    self.delivered += 1
+                    self.routed[change.collection] += 1
+                    if loop.time() - yielded > _YIELD_EVERY:
+                        self._signal()
+                        await asyncio.sleep(0)
+                        yielded = loop.time()
+                self.latency.observe(time.time() - datetime.fromisoformat(change.timestamp).timestamp())
+        finally:
+            self._quiet.set()
+        if reached == self._after:
+            return
+        self._after = reached
+        if reached[1] == MAX_ID:
+            self.head = (reached[0], MAX_ID, 0)
+            self.ticks_read = reached[0]
+        self._signal()
+
+    async def _follow(self, conn: asyncpg.Connection, link: RelayLink) -> None:
+        """Route the ticker's next relayed page, if one comes within a quarter of the lease: at once if it
+        continues from where this bridge is, else by reading the change log up to its tick."""
+        try:
+            page = await link.receive(LEASE / 4)
+        except RelayLost as exc:
+            log.info("the ticker's relay went away (%s); following the ticks in the database meanwhile", exc)
+            await self._drop_link()
+            return
+        assert self._after is not None
+        if page is None or page.reached <= self._after:
+            return
+        if page.after != self._after:  # joined, or left behind: the change log has what lies between
+            await self._deliver(conn, page.newest, page.taken, flush=False)
+            return
+        self.relayed_pages += 1
+        self.newest_tick = max(self.newest_tick, page.newest)
+        await self._apply(page.changes, page.reached)
+        if self._after == (page.newest, MAX_ID):
+            self._finished = (page.newest, page.taken)
+
+    async def _check_link(self, conn: asyncpg.Connection, lease: changelog.Lease) -> None:
+        """Follow the ticker's relay: connect, or reconnect where the lease says it moved. Read from the
+        change log what the relay did not bring: what the ticker announced before this bridge connected,
+        or a quarter of a lease ago (the relay is slow, or dropped this bridge)."""
+        joined = False
+        if self.link is not None and (lease.relay is None or self.link.url != lease.relay[0]):
+            await self._drop_link()
+        if self.link is None and lease.relay is not None and time.monotonic() >= self._link_retry:
+            url, secret = lease.relay
+            try:
+                async with asyncio.timeout(LEASE / 4):
+                    self.link = await RelayLink.connect(url, secret)
+                joined = True
+                log.info("following the ticker's relay")
+            except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+                self._link_retry = time.monotonic() + LEASE
+                if self._link_log():
+                    log.warning(
+                        "cannot reach the ticker's relay at %s (%s): this bridge reads every tick from the "
+                        "database instead, one more read per tick for the database; the ticker's --advertise-host "
+                        "and --relay-port say where it is reached (reported once a minute)",
+                        url, exc or type(exc).__name__,
+                    )  # fmt: skip
+        routed = (self._after or (0, 0))[0]
+        awaited, self._awaited = self._awaited, (lease.announced if lease.announced > routed else None)
+        behind = awaited is not None and routed < awaited
+        if self.link is not None and (joined or behind) and self._awaited and lease.announced_at is not None:
+            if behind and self._behind_log():
+                log.warning("the ticker's relay is a quarter of a lease behind the ticks it announced; reading "
+                            "them from the database (reported once a minute)")  # fmt: skip
+            await self._deliver(conn, lease.announced, lease.announced_at, flush=False)
+
+    async def _drop_link(self) -> None:
+        link, self.link = self.link, None
+        if link is not None:
+            await link.close()
 
     async def _durable(self, conn: asyncpg.Connection, newest: int, wal: changelog.Wal | None = None) -> None:
         self.forced_flushes += await changelog.durable(conn, self._settings.flush_patience, wal)

@@ -23,6 +23,7 @@ from pgbridge import sse, websocket
 from pgbridge.auth import TokenPolicy
 from pgbridge.config import Settings
 from pgbridge.hub import SIDE_TASKS, Bridge
+from pgbridge.listener import Listener
 from pgbridge.logs import OncePer
 from pgbridge.metrics import CONTENT_TYPE, Exposition
 from pgbridge.protocol import SHUTTING_DOWN, SSE_PATH, WS_PATH, Close
@@ -48,6 +49,7 @@ async def healthz(request: web.Request) -> web.Response:
         "clients": len(bridge.sessions),
         "changes_delivered": listener.delivered,
         "ticker": listener.ticking,
+        "relay": _relay_state(listener),
         "catching_up": len(bridge.feeds),
         "catch_up_lag_seconds": round(bridge.catch_up_lag(), 3),
         "catch_up_lag_events": bridge.catch_up_lag_events(),
@@ -73,6 +75,13 @@ async def healthz(request: web.Request) -> web.Response:
     if failed:
         body["failed_tasks"] = failed  # in the last five minutes
     return web.json_response(body, status=200 if listener.connected else 503)
+
+
+def _relay_state(listener: Listener) -> str:
+    """What the ticker relays, or how a follower gets the ticks' changes."""
+    if listener.ticking:
+        return "off (--relay-port -1)" if listener.relay is None else f"serving {listener.relay.followers} bridges"
+    return "following the ticker's relay" if listener.link is not None else "reading the ticks from the database"
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -105,6 +114,11 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.gauge("ticker", "1 while this bridge takes the ticks (holds the ticker lease); the others follow it",
               int(listener.ticking))  # fmt: skip
     out.counter("ticker_takeovers_total", "times this bridge took the ticker lease", listener.takeovers)
+    out.counter("log_reads_total", "reads of ticks' changes from the change log by the listener", listener.log_reads)
+    out.counter("relayed_pages_total", "pages of changes this bridge got from the ticker's relay instead",
+                listener.relayed_pages)  # fmt: skip
+    out.gauge("relay_followers", "bridges following this one's relay (while it ticks)",
+              0 if listener.relay is None else listener.relay.followers)  # fmt: skip
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
     out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
                 "went over --routing-budget", bridge.router.deferred)  # fmt: skip

@@ -2,7 +2,7 @@
 --
 -- For a database that has no pgbridge schema yet: `psql -v ON_ERROR_STOP=1 -f sql/schema.sql`, or
 -- `pgbridge migrate`, which applies this file to such a database. It stands for the numbered migrations
--- 001_change_log to 004_ticker and records them in pgbridge.migrations, so a later
+-- 001_change_log to 005_relay and records them in pgbridge.migrations, so a later
 -- migration applies over it as over a database that took them one by one. Over an existing pgbridge
 -- schema it refuses and changes nothing: upgrades are the numbered files sql/NNN_*.sql, in order.
 --
@@ -60,7 +60,8 @@ INSERT INTO pgbridge.migrations (version, name) VALUES
     (1, '001_change_log'),
     (2, '002_ticks'),
     (3, '003_wake_and_snapshots'),
-    (4, '004_ticker');
+    (4, '004_ticker'),
+    (5, '005_relay');
 
 -- What a bridge checks before it reads the log: the format of pgbridge.changes and pgbridge.ticks. A
 -- later migration that keeps the format keeps this value, so bridges of this version keep working.
@@ -136,12 +137,15 @@ COMMENT ON TABLE pgbridge.ticks IS
 -- `holder` takes the ticks and listens for writers' wake-ups until `until`; it renews the lease long
 -- before, and another bridge takes it once it lapses. It records each durable tick as `announced`, and
 -- holds the advisory lock (key, announced + 1), which the other bridges wait on (await_tick_v4); `key`
--- is random and secret, so that no other role can take that lock.
-CREATE TABLE pgbridge.leases (name text PRIMARY KEY, holder text, until timestamptz, announced bigint, key integer);
+-- is random and secret, so that no other role can take that lock. The ticker also serves the pages it
+-- routes to the other bridges at `relay`, to those that show `relay_secret` (pgbridge/relay.py).
+CREATE TABLE pgbridge.leases (name text PRIMARY KEY, holder text, until timestamptz, announced bigint, key integer,
+                              relay text, relay_secret text);
 COMMENT ON TABLE pgbridge.leases IS
     'prune and flush: row locks, held for one short transaction. ticker: the bridge (holder) that takes '
-    'ticks until `until`, the last tick it announced, and the advisory lock class (key, secret) it holds '
-    'the lock (key, announced + 1) of, which the others wait on.';
+    'ticks until `until`, the last tick it announced, the advisory lock class (key, secret) it holds '
+    'the lock (key, announced + 1) of, which the others wait on, and where it relays its pages to them '
+    '(relay, a URL, and relay_secret, which they show).';
 INSERT INTO pgbridge.leases (name) VALUES ('prune'), ('flush');
 INSERT INTO pgbridge.leases (name, key) VALUES ('ticker', floor(random() * 2147483647)::integer);
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
+import pytest
 
 from pgbridge.listener import LEASE
 from tests.helpers import RunningBridge, assert_silent, collect, subscribe, wait_for
@@ -92,3 +94,80 @@ async def test_a_lease_that_lapses_is_taken_over_and_nothing_committed_meanwhile
     assert await db.fetchval("SELECT holder FROM pgbridge.leases WHERE name = 'ticker'") == (
         tickers(bridges)[0].bridge.listener.holder
     )
+
+
+async def test_followers_route_what_the_ticker_relays_without_reading_the_change_log(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    bridges = [await start_bridge(dsn) for _ in range(3)]
+    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
+    (ticker,) = tickers(bridges)
+    followers = [b for b in bridges if b is not ticker]
+    await wait_for(lambda: all(f.bridge.listener.link is not None for f in followers), what="followers on the relay")
+    reads = [f.bridge.listener.log_reads for f in followers]
+    async with followers[0].connect() as a, followers[1].connect() as b:
+        for ws in (a, b):
+            await subscribe(ws, "posts")
+        for i in range(30):
+            await db.execute("INSERT INTO posts (title) VALUES ($1)", f"t{i}")
+        got = [[e["data"]["title"] for e in await collect(ws, 30)] for ws in (a, b)]
+    assert got[0] == got[1] == [f"t{i}" for i in range(30)]
+    for follower, before in zip(followers, reads, strict=True):
+        listener = follower.bridge.listener
+        # the 30 transactions came in some ticks, through the relay, not from the change log (where each tick
+        # takes a read at least; a lease check may still read one)
+        assert listener.relayed_pages > 0 and listener.log_reads - before <= 2, listener.log_reads - before
+        assert (await health(follower))["relay"] == "following the ticker's relay"
+    assert (await health(ticker))["relay"] == "serving 2 bridges"
+
+
+async def test_the_relay_serves_only_bridges_that_show_its_secret(dsn: str, posts: str, start_bridge: Bridges) -> None:
+    running = await start_bridge(dsn)
+    await wait_for(lambda: running.bridge.listener.ticking, what="the ticker")
+    relay = running.bridge.listener.relay
+    assert relay is not None and relay.url is not None
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer guess"}, {"Authorization": relay.secret}):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(relay.url, headers=headers)
+            assert refused.value.status == 403
+    assert relay.followers == 0
+    where = urlsplit(relay.url)
+    assert where.hostname == "127.0.0.1" and where.port != running.port  # a port of its own, on --host
+
+
+async def test_followers_the_relay_drops_mid_stream_catch_up_from_the_change_log(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    bridges = [await start_bridge(dsn) for _ in range(2)]
+    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
+    (ticker,) = tickers(bridges)
+    (follower,) = [b for b in bridges if b is not ticker]
+    relay = ticker.bridge.listener.relay
+    assert relay is not None
+    await wait_for(lambda: relay.followers == 1, what="the follower on the relay")
+    async with follower.connect() as ws:
+        await subscribe(ws, "posts")
+        for i in range(120):
+            await db.execute("INSERT INTO posts (title) VALUES ($1)", f"t{i}")
+            if i % 20 == 10:
+                relay.drop_all()  # as it drops a follower that reads too slowly
+        got = [e["data"]["title"] for e in await collect(ws, 120)]
+        await assert_silent(ws, 0.3)
+    assert got == [f"t{i}" for i in range(120)]  # all, once, in order
+    assert follower.bridge.listener.relayed_pages > 0 and follower.bridge.listener.log_reads > 0
+
+
+async def test_without_a_relay_followers_read_the_ticks_from_the_change_log(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    bridges = [await start_bridge(dsn, relay_port=-1) for _ in range(2)]
+    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
+    (follower,) = [b for b in bridges if not b.bridge.listener.ticking]
+    async with follower.connect() as ws:
+        await subscribe(ws, "posts")
+        for i in range(10):
+            await db.execute("INSERT INTO posts (title) VALUES ($1)", f"t{i}")
+        assert [e["data"]["title"] for e in await collect(ws, 10)] == [f"t{i}" for i in range(10)]
+    assert follower.bridge.listener.relayed_pages == 0 and follower.bridge.listener.log_reads > 0
+    assert (await health(follower))["relay"] == "reading the ticks from the database"
