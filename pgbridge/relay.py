@@ -25,7 +25,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from pgbridge import frames
-from pgbridge.errors import DecodeError
+from pgbridge.errors import ConfigError, DecodeError
 from pgbridge.events import Change, make_change
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,19 @@ class RelayServer:
         return len(self._followers)
 
     async def start(self) -> None:
+        """Listen; :attr:`url` says where."""
         app = web.Application()
         app.router.add_get(PATH, self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        try:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"cannot listen on {self._host}:{self._port} for the relay to other bridges: {exc.strerror or exc} "
+                "(choose another --relay-port, or 0 for any free one)"
+            ) from None
         port = self._runner.addresses[0][1]
         host = f"[{self._advertise}]" if ":" in self._advertise else self._advertise
         self.url = f"ws://{host}:{port}{PATH}"

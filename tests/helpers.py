@@ -279,7 +279,12 @@ class BridgeProcess:
     """``pgbridge serve`` as its own process, as it runs in production; its output is kept."""
 
     def __init__(
-        self, dsn: str, port: int, env: dict[str, str] | None = None, preexec: Callable[[], None] | None = None
+        self,
+        dsn: str,
+        port: int,
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], None] | None = None,
+        tree: Path | None = None,
     ) -> None:
         env = {**os.environ, **(env or {})}
         env.update(DATABASE_URL=dsn, PGBRIDGE_JWT_SECRET=SECRET, PGBRIDGE_PORT=str(port))
@@ -287,6 +292,7 @@ class BridgeProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pgbridge", "serve"],
             env=env,
+            cwd=tree,  # `-m` imports from the working directory first: ``tree``'s pgbridge, else this one's
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=preexec,

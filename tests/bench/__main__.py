@@ -459,10 +459,11 @@ def rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
 
-async def serve(dsn: str, **env: str) -> BridgeProcess:
+async def serve(dsn: str, tree: Path | None = None, **env: str) -> BridgeProcess:
+    """A bridge process of this tree, or of ``tree`` (another checkout of it), with ``env`` set."""
     settings = {"PGBRIDGE_HEARTBEAT": "3600", "PGBRIDGE_MAX_CONNECTIONS_PER_SUBJECT": "100000",
                 "PGBRIDGE_MAX_FILTER_COST_PER_SUBJECT": "1000000", "PGBRIDGE_LOG_LEVEL": "WARNING", **env}  # fmt: skip
-    bridge = BridgeProcess(dsn, free_port(), settings)
+    bridge = BridgeProcess(dsn, free_port(), settings, tree=tree)
     await bridge.ready()
     return bridge
 

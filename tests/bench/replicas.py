@@ -85,8 +85,7 @@ async def bridges(dsn: str, count: int, tree: Path | None) -> AsyncIterator[list
     """``count`` bridge processes, of this tree or of ``tree``, started at once and stopped after."""
     from tests.bench.__main__ import serve, stop
 
-    env = {} if tree is None else {"PYTHONPATH": str(tree)}
-    started = await asyncio.gather(*(serve(dsn, **env) for _ in range(count)))
+    started = await asyncio.gather(*(serve(dsn, tree) for _ in range(count)))
     try:
         yield list(started)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -175,11 +176,24 @@ async def test_migrate_waits_for_its_lock_and_names_who_holds_it(empty_dsn: str)
         await holder.close()
 
 
+def test_a_relay_port_in_use_is_refused_saying_which_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = pgbridge("serve", "--jwt-secret", SECRET, "--port", str(free_port()), "--relay-port", str(port))
+    assert done.returncode == 2, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port} for the relay to other bridges" in done.stderr
+    assert "(choose another --relay-port, or 0 for any free one)" in done.stderr
+    workers = pgbridge("serve", "--jwt-secret", SECRET, "--workers", "2", "--relay-port", str(port))
+    assert workers.returncode == 2 and "each worker relays on a port of its own" in workers.stderr
+
+
 def test_the_secret_can_come_from_a_file(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
     done = pgbridge("serve", "--jwt-secret-file", str(secret), "--port", "1", "--host", "256.0.0.0")
-    assert done.returncode == 2 and "cannot listen on 256.0.0.0:1" in done.stderr  # the secret itself was accepted
+    assert done.returncode == 2 and "cannot listen on 256.0.0.0:" in done.stderr  # the secret itself was accepted
     both = pgbridge("serve", "--jwt-secret-file", str(secret), "--jwt-secret", SECRET)
     assert both.returncode == 2 and "not both" in both.stderr
     gone = pgbridge("serve", "--jwt-secret-file", str(tmp_path / "nope"))
