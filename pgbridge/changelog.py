@@ -155,17 +155,19 @@ class Lease:
     """Where the ticker relays its pages, and the secret to show there (None: it does not, or none ticks)."""
 
 
-async def lease(conn: asyncpg.Connection, holder: str, seconds: float, relay: tuple[str, str] | None) -> Lease:
+async def lease(
+    conn: asyncpg.Connection, holder: str, seconds: float, relay: tuple[str, str] | None, *, take: bool = True
+) -> Lease:
     """Take or renew the ticker lease for ``holder`` for ``seconds``, if it is free, lapsed or already
     ``holder``'s, recording ``relay`` (its URL and secret) as where it relays its pages; say whether
-    ``holder`` holds it, with what every bridge checks that often.
+    ``holder`` holds it, with what every bridge checks that often. ``take=False``: only say.
 
     The database's clock decides, so the bridges' clocks need not agree."""
     row = await conn.fetchrow(
         """WITH taken AS (
                UPDATE pgbridge.leases
                SET holder = $1, until = clock_timestamp() + make_interval(secs => $2), relay = $3, relay_secret = $4
-               WHERE name = 'ticker' AND (holder = $1 OR until IS NULL OR until < clock_timestamp())
+               WHERE name = 'ticker' AND $5 AND (holder = $1 OR until IS NULL OR until < clock_timestamp())
                RETURNING relay, relay_secret
            )
            SELECT EXISTS (SELECT FROM taken) AS held, pg_notification_queue_usage() AS queue, l.key, l.announced,
@@ -177,6 +179,7 @@ async def lease(conn: asyncpg.Connection, holder: str, seconds: float, relay: tu
         holder,
         seconds,
         *(relay or (None, None)),
+        take,
     )
     relayed = None if row["relay"] is None or row["relay_secret"] is None else (row["relay"], row["relay_secret"])
     return Lease(bool(row["held"]), float(row["queue"]), row["publications"], int(row["key"]),

@@ -124,6 +124,8 @@ async def _check_database(settings: Settings) -> None:
     finally:
         await conn.close()
     listen_dsn = settings.dsn if settings.listen_dsn is None else settings.listen_dsn
+    if settings.follow_only:  # its listener never LISTENs
+        return
     try:
         with database.errors():
             conn = await database.connect(listen_dsn, timeout=10)

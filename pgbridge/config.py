@@ -33,6 +33,7 @@ class Settings:
     workers: int = 1
     relay_port: int = 0
     advertise_host: str | None = None
+    follow_only: bool = False
     jwt_secret: str | None = None
     jwt_secret_file: Path | None = None
     jwt_public_key: Path | None = None
@@ -187,6 +188,12 @@ SERVE = (
         int,
         "TCP port, on --host, where this bridge relays the ticks it takes to the other bridges of the database "
         "(0: any free port; -1: none, so they read every tick from the database)",
+    ),
+    _serve(
+        "follow_only",
+        boolean,
+        "never take the ticks, only follow the bridge that does: the listener's connection then need not LISTEN, "
+        "so --listen-dsn may go through a transaction-mode pooler",
     ),
     _serve(
         "advertise_host",

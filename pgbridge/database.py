@@ -30,7 +30,8 @@ MIGRATE = "run `pgbridge migrate` (or, with psql, sql/schema.sql on a new databa
 
 LISTEN_ELSEWHERE = (
     "point --listen-dsn (PGBRIDGE_LISTEN_DSN) at PostgreSQL directly, or at a session-mode pool "
-    "(see docs/deployment.md, PgBouncer); --dsn may stay on the transaction-mode pool"
+    "(see docs/deployment.md, PgBouncer); --dsn may stay on the transaction-mode pool. A bridge with no such "
+    "connection can run with --follow-only: it never takes the ticks, and needs another bridge that does"
 )
 """What to do about a listener whose connection goes through a pooler that cannot carry it."""
 POOLER_IGNORES = "synchronous_commit, default_transaction_isolation"

@@ -98,12 +98,13 @@ class Bridge:
                 probe_interval=s.probe_interval,
                 probe_timeout=s.probe_timeout,
                 poll_interval=s.poll_interval,
+                follow_only=s.follow_only,
             ),
             self.router.route,
             self._set_publications,
             self.history,
             self._gap,
-            None if s.relay_port < 0 else RelayServer(s.host, s.relay_port, s.advertise_host),
+            None if s.relay_port < 0 or s.follow_only else RelayServer(s.host, s.relay_port, s.advertise_host),
         )
         self.replay_slots = asyncio.Semaphore(s.max_replays)
         self.snapshot_slots = asyncio.Semaphore(s.max_snapshots)
@@ -295,7 +296,7 @@ class Bridge:
         # A --dsn of a pooler in transaction mode, where asyncpg's statement cache fails, comes with a
         # --listen-dsn of its own: the listener refuses one that receives no notifications. A bridge with one
         # DSN keeps the cache, which saves planning each catch-up read again (2 ms of a 3 ms read of ten entries).
-        pooled = s.listen_dsn is not None and s.listen_dsn != s.dsn
+        pooled = s.follow_only or (s.listen_dsn is not None and s.listen_dsn != s.dsn)
         relay = self.listener.relay
         if relay is not None:
             await relay.start()

@@ -68,6 +68,9 @@ class ListenerSettings:
     """Seconds to wait for a writer's commit to flush a new tick before flushing it ourselves."""
     connect_timeout: float = 10.0
     backoff_max: float = 10.0
+    follow_only: bool = False
+    """Never take the ticks: the connection runs one-statement transactions only, so it may go through a
+    transaction-mode pooler (no LISTEN, no prepared statement kept)."""
 
 
 class Listener:
@@ -172,16 +175,14 @@ class Listener:
 
     async def _session(self) -> None:
         s = self._settings
+        # Ticks commit without a flush of their own (see changelog.durable), and see every commit.
+        ticks = {"synchronous_commit": "off", "default_transaction_isolation": "read committed"}
         conn: asyncpg.Connection = await asyncpg.connect(
             s.dsn,
             timeout=s.connect_timeout,
             command_timeout=s.probe_timeout,
-            server_settings={
-                "application_name": "pgbridge-listener",
-                # Ticks commit without a flush of their own (see changelog.durable), and see every commit.
-                "synchronous_commit": "off",
-                "default_transaction_isolation": "read committed",
-            },
+            server_settings={"application_name": "pgbridge-listener", **({} if s.follow_only else ticks)},
+            **(database.POOLED if s.follow_only else {}),
         )
         lost = asyncio.Event()
         wake = asyncio.Event()
@@ -197,7 +198,8 @@ class Listener:
 
         self.ticking = False
         try:
-            await database.check_notifications(conn, s.dsn, s.probe_timeout)
+            if not s.follow_only:
+                await database.check_notifications(conn, s.dsn, s.probe_timeout)
             await changelog.check_schema(conn)
             wake_channel = (await changelog.channels(conn))["wake"]
             if self._after is None:
@@ -230,7 +232,7 @@ class Listener:
                     leased = time.monotonic()
                     relay = self.relay
                     ours = None if relay is None or relay.url is None else (relay.url, relay.secret)
-                    lease = await changelog.lease(conn, self.holder, LEASE, ours)
+                    lease = await changelog.lease(conn, self.holder, LEASE, ours, take=not s.follow_only)
                     self.queue_usage, self._lock_class = lease.queue, lease.key
                     if lease.publications != publications:
                         polled, publications = await self._publications(conn), lease.publications

@@ -28,7 +28,8 @@ import asyncpg
 import pytest
 import websockets
 
-from tests.helpers import Cluster, collect, free_port, recv, subscribe, token, wait_for
+from pgbridge.listener import LEASE
+from tests.helpers import Cluster, assert_silent, collect, free_port, recv, subscribe, token, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges, Processes
@@ -357,3 +358,30 @@ async def test_catch_up_reads_that_keep_failing_are_reported(
         assert [e["id"] for e in events] == [e["id"] for e in rest]
     body = await health(running.port)
     assert body["catch_up_read_failures"] >= 3 and body["catch_up_reads"] >= 1, body
+
+
+@pytest.mark.parametrize("relay", ["relayed", "no relay"])
+async def test_a_follow_only_bridge_serves_through_transaction_mode_alone(
+    relay: str, dsn: str, db: asyncpg.Connection, posts: str, pgbouncer: PgBouncer, start_bridge: Bridges
+) -> None:
+    """A bridge whose every connection goes through the transaction-mode pool: with ``--follow-only`` it
+    follows the bridge that ticks (through its relay, or reading the ticks the ticker announces), and its
+    clients get every change once, in order; it never takes the ticks, even once the ticker is gone."""
+    ticker = await start_bridge(dsn, relay_port=0 if relay == "relayed" else -1)
+    await wait_for(lambda: ticker.bridge.listener.ticking, what="the ticker")
+    follower = await start_bridge(pgbouncer.dsn(), follow_only=True)
+    listener = follower.bridge.listener
+    if relay == "relayed":
+        await wait_for(lambda: listener.link is not None, what="the follower on the relay")
+    async with follower.connect() as ws:
+        await subscribe(ws, "posts")
+        titles = [f"t{i}" for i in range(20)]
+        await insert(db, *titles)
+        assert [e["data"]["title"] for e in await collect(ws, 20)] == titles
+        assert (listener.relayed_pages > 0) is (relay == "relayed") and listener.ticks_taken == 0
+        await ticker.stop()
+        await insert(db, "unseen")
+        await assert_silent(ws, 2 * LEASE)  # released: a bridge that could tick would have taken over by now
+        assert not listener.ticking and (await health(follower.port))["ticker"] is False
+        ticker = await start_bridge(dsn)  # a ticker again: what committed meanwhile comes
+        assert (await collect(ws, 1))[0]["data"]["title"] == "unseen"
