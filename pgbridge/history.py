@@ -34,7 +34,7 @@ class History:
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
-        self._changes: deque[Change] = deque()
+        self._changes: deque[tuple[Change, int]] = deque()  # with the bytes each one counts for
         self._collections: dict[str, deque[_Entry]] = {}
         self._bytes = 0
         self.base: tuple[int, int] | None = None
@@ -51,15 +51,16 @@ class History:
         entries = self._collections.setdefault(change.collection, deque())
         before = entries[-1].before + entries[-1].change.units if entries else 0
         entries.append(_Entry((change.tick, change.change_id), before, change))
-        self._changes.append(change)
-        self._bytes += _size(change)
+        size = _size(change)
+        self._changes.append((change, size))
+        self._bytes += size
         while self._bytes > self._max_bytes and len(self._changes) > 1:
-            old = self._changes.popleft()
+            old, size = self._changes.popleft()
             entries = self._collections[old.collection]
             entries.popleft()  # the oldest of its collection too
             if not entries:
                 del self._collections[old.collection]
-            self._bytes -= _size(old)
+            self._bytes -= size
             self.base = (old.tick, old.change_id)
 
     def covers(self, after: tuple[int, int]) -> bool:

@@ -193,9 +193,10 @@ class RelayLink:
         """The next page, or None if none came within ``within`` seconds; raises :class:`RelayLost`."""
         if self._next is None:
             self._next = asyncio.ensure_future(self._ws.receive())
-        done, _ = await asyncio.wait((self._next,), timeout=within)
-        if not done:
-            return None
+        if not self._next.done():
+            done, _ = await asyncio.wait((self._next,), timeout=within)
+            if not done:
+                return None
         msg, self._next = self._next.result(), None
         if msg.type is not WSMsgType.BINARY:
             raise RelayLost(f"the relay closed ({msg.type.name})")
