@@ -429,7 +429,7 @@ class Listener:
         routed = (self._after or (0, 0))[0]
         awaited, self._awaited = self._awaited, (lease.announced if lease.announced > routed else None)
         behind = awaited is not None and routed < awaited
-        if self.link is not None and (joined or behind) and self._awaited and lease.announced_at is not None:
+        if self.link is not None and (joined or behind) and self._awaited is not None and lease.announced_at:
             if behind and self._behind_log():
                 log.warning("the ticker's relay is a quarter of a lease behind the ticks it announced; reading "
                             "them from the database (reported once a minute)")  # fmt: skip

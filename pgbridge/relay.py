@@ -96,8 +96,8 @@ class RelayServer:
         """Where followers connect, once :meth:`start` has bound the port."""
         self._followers: set[asyncio.Transport] = set()
         self._runner: web.AppRunner | None = None
-        self.pages = 0
         self.dropped = 0
+        """Followers dropped for reading too slowly."""
 
     @property
     def followers(self) -> int:
@@ -136,7 +136,6 @@ class RelayServer:
         if not self._followers:
             return
         frame = frames.binary_frame(encode(page))
-        self.pages += 1
         for transport in list(self._followers):
             if transport.is_closing() or transport.get_write_buffer_size() > BUFFER_LIMIT:
                 self._followers.discard(transport)
@@ -148,7 +147,10 @@ class RelayServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         offered = request.headers.get("Authorization", "")
         if not hmac.compare_digest(offered.encode(), f"Bearer {self.secret}".encode()):
-            return web.json_response({"error": "This is the relay between pgbridge bridges"}, status=403)
+            return web.json_response(
+                {"error": "This port is the relay between pgbridge bridges; clients connect to the bridge's --port"},
+                status=403,
+            )
         ws = web.WebSocketResponse(compress=False, max_msg_size=4096, heartbeat=5)
         await ws.prepare(request)
         transport = request.transport

@@ -119,6 +119,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                 listener.relayed_pages)  # fmt: skip
     out.gauge("relay_followers", "bridges following this one's relay (while it ticks)",
               0 if listener.relay is None else listener.relay.followers)  # fmt: skip
+    out.counter("relay_dropped_total", "followers this bridge's relay dropped for leaving 8 MiB unread (they read "
+                "the change log instead)", 0 if listener.relay is None else listener.relay.dropped)  # fmt: skip
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
     out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
                 "went over --routing-budget", bridge.router.deferred)  # fmt: skip

@@ -10,9 +10,10 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 import pytest
+import websockets
 
 from pgbridge.listener import LEASE
-from tests.helpers import RunningBridge, assert_silent, collect, subscribe, wait_for
+from tests.helpers import RunningBridge, assert_silent, collect, small_receive_buffer, subscribe, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -171,3 +172,24 @@ async def test_without_a_relay_followers_read_the_ticks_from_the_change_log(
         assert [e["data"]["title"] for e in await collect(ws, 10)] == [f"t{i}" for i in range(10)]
     assert follower.bridge.listener.relayed_pages == 0 and follower.bridge.listener.log_reads > 0
     assert (await health(follower))["relay"] == "reading the ticks from the database"
+
+
+async def test_a_follower_that_stops_reading_is_dropped_not_waited_for(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    running = await start_bridge(dsn)
+    await wait_for(lambda: running.bridge.listener.ticking, what="the ticker")
+    relay = running.bridge.listener.relay
+    assert relay is not None and relay.url is not None
+    shown = {"Authorization": f"Bearer {relay.secret}"}
+    async with websockets.connect(relay.url, additional_headers=shown, max_queue=1, max_size=None) as stuck:
+        small_receive_buffer(stuck)
+        await wait_for(lambda: relay.followers == 1, what="the follower that will not read")
+        async with running.connect() as ws:
+            await subscribe(ws, "posts")
+            big = "x" * 200_000
+            for i in range(100):  # 20 MB of pages: past what a follower may leave unread, and the kernel holds
+                await db.execute("INSERT INTO posts (title) VALUES ($1)", f"{i} {big}")
+            got = await collect(ws, 100)  # the ticker's own clients are not held up meanwhile
+        assert [e["data"]["title"].split()[0] for e in got] == [str(i) for i in range(100)]
+        await wait_for(lambda: relay.dropped == 1 and relay.followers == 0, what="the follower to be dropped")
