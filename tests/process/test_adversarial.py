@@ -36,7 +36,6 @@ from tests.helpers import (
     send,
     subscribe,
     token,
-    until_quiet,
     wait_for,
 )
 
@@ -234,12 +233,17 @@ async def test_replays_wait_their_turn_and_all_complete(
     first = await db.fetchval("SELECT min(id) FROM pgbridge.changes")
     running = await start_bridge(dsn, max_replays=1, history_bytes=1024)
     clients = [await running.connect().__aenter__() for _ in range(20)]
-    for ws in clients:
-        await subscribe(ws, "posts", since=f"{first}.0")
-    results = await asyncio.gather(*(until_quiet(ws, 1.5) for ws in clients))
-    assert all(len(r) == 2999 for r in results)
-    for ws in clients:
-        await ws.close()
+    try:
+        for ws in clients:
+            await subscribe(ws, "posts", since=f"{first}.0")
+        # One replay at a time: the last client's turn comes after 19 others', however long they take.
+        results = await asyncio.gather(*(collect(ws, 2999, timeout=120) for ws in clients))
+        wanted = [f"r{g}" for g in range(2, 3001)]  # everything after the first change, in order
+        assert all([e["data"]["title"] for e in r] == wanted for r in results)
+        await asyncio.gather(*(assert_silent(ws, 0.5) for ws in clients))  # and nothing twice
+    finally:
+        for ws in clients:
+            await ws.close()
 
 
 async def test_an_empty_grant_denies_even_beside_a_wildcard(bridge: RunningBridge) -> None:
@@ -268,7 +272,8 @@ async def test_tenants_are_compared_exactly(dsn: str, db: asyncpg.Connection, st
         await subscribe(ws, "posts")
         await db.execute("INSERT INTO posts (title, account) VALUES ('other', '2024-01-01T01:00:00+01:00')")
         await db.execute("INSERT INTO posts (title, account) VALUES ('mine', '2024-01-01T00:00:00Z')")
-        assert [e["data"]["title"] for e in await until_quiet(ws, 0.5)] == ["mine"]
+        assert [e["data"]["title"] for e in await collect(ws, 1)] == ["mine"]
+        await assert_silent(ws, 0.5)  # not 'other', which the listener read first
     for claim in ([1, 2], {"a": 1}):
         async with running.connect(token(account=claim)) as ws:
             assert await close_frame(ws) == (1008, "Invalid account claim: must be a string, number or boolean")
