@@ -4,7 +4,7 @@ over when it stops or its lease lapses. Every bridge's clients get every change,
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 
 def tickers(bridges: list[RunningBridge]) -> list[RunningBridge]:
     return [b for b in bridges if not b.stopped and b.bridge.listener.ticking]
+
+
+async def ticker_and_followers(
+    start_bridge: Bridges, dsn: str, count: int, **overrides: Any
+) -> tuple[RunningBridge, list[RunningBridge]]:
+    """``count`` bridges on one database, once one of them ticks: that one, and the others."""
+    bridges = [await start_bridge(dsn, **overrides) for _ in range(count)]
+    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
+    (ticker,) = tickers(bridges)
+    return ticker, [b for b in bridges if b is not ticker]
 
 
 async def health(bridge: RunningBridge) -> dict[str, object]:
@@ -53,10 +63,7 @@ async def test_one_bridge_ticks_and_the_others_follow_it(
 async def test_a_ticker_that_stops_hands_the_ticks_over_at_once(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
-    bridges = [await start_bridge(dsn) for _ in range(2)]
-    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
-    (ticker,) = tickers(bridges)
-    (follower,) = [b for b in bridges if b is not ticker]
+    ticker, (follower,) = await ticker_and_followers(start_bridge, dsn, 2)
     async with follower.connect() as ws:
         await subscribe(ws, "posts")
         await db.execute("INSERT INTO posts (title) VALUES ('before')")
@@ -100,10 +107,7 @@ async def test_a_lease_that_lapses_is_taken_over_and_nothing_committed_meanwhile
 async def test_followers_route_what_the_ticker_relays_without_reading_the_change_log(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
-    bridges = [await start_bridge(dsn) for _ in range(3)]
-    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
-    (ticker,) = tickers(bridges)
-    followers = [b for b in bridges if b is not ticker]
+    ticker, followers = await ticker_and_followers(start_bridge, dsn, 3)
     await wait_for(lambda: all(f.bridge.listener.link is not None for f in followers), what="followers on the relay")
     reads = [f.bridge.listener.log_reads for f in followers]
     async with followers[0].connect() as a, followers[1].connect() as b:
@@ -140,10 +144,7 @@ async def test_the_relay_serves_only_bridges_that_show_its_secret(dsn: str, post
 async def test_followers_the_relay_drops_mid_stream_catch_up_from_the_change_log(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
-    bridges = [await start_bridge(dsn) for _ in range(2)]
-    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
-    (ticker,) = tickers(bridges)
-    (follower,) = [b for b in bridges if b is not ticker]
+    ticker, (follower,) = await ticker_and_followers(start_bridge, dsn, 2)
     relay = ticker.bridge.listener.relay
     assert relay is not None
     await wait_for(lambda: relay.followers == 1, what="the follower on the relay")
@@ -162,9 +163,7 @@ async def test_followers_the_relay_drops_mid_stream_catch_up_from_the_change_log
 async def test_without_a_relay_followers_read_the_ticks_from_the_change_log(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
-    bridges = [await start_bridge(dsn, relay_port=-1) for _ in range(2)]
-    await wait_for(lambda: len(tickers(bridges)) == 1, what="one ticker")
-    (follower,) = [b for b in bridges if not b.bridge.listener.ticking]
+    _, (follower,) = await ticker_and_followers(start_bridge, dsn, 2, relay_port=-1)
     async with follower.connect() as ws:
         await subscribe(ws, "posts")
         for i in range(10):
