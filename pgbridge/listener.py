@@ -230,8 +230,7 @@ class Listener:
                 wake.clear()
                 if time.monotonic() - leased >= LEASE / 4:
                     leased = time.monotonic()
-                    relay = self.relay
-                    ours = None if relay is None or relay.url is None else (relay.url, relay.secret)
+                    ours = None if self.relay is None else self.relay.address
                     lease = await changelog.lease(conn, self.holder, LEASE, ours, take=not s.follow_only)
                     self.queue_usage, self._lock_class = lease.queue, lease.key
                     if lease.publications != publications:
@@ -343,12 +342,12 @@ class Listener:
                 )
                 self._restart_at(newest)
                 break
-            if reached == self._after:
-                await self._apply(changes, reached)
-                break
-            if self.ticking and self.relay is not None:
+            progressed = reached != self._after
+            if progressed and self.ticking and self.relay is not None:
                 self.relay.publish(Page(self._after, reached, newest, taken, changes))
             await self._apply(changes, reached)
+            if not progressed:
+                break
         if unflushed:
             await self._durable(conn, newest)
         if self._after == (newest, MAX_ID):

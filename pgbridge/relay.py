@@ -103,6 +103,11 @@ class RelayServer:
     def followers(self) -> int:
         return len(self._followers)
 
+    @property
+    def address(self) -> tuple[str, str] | None:
+        """What the ticker records in its lease for followers: :attr:`url` and :attr:`secret`, once started."""
+        return None if self.url is None else (self.url, self.secret)
+
     async def start(self) -> None:
         """Listen; :attr:`url` says where."""
         app = web.Application()
