@@ -181,6 +181,8 @@ class Router:
         self.budget = budget
         self.deferred = 0
         """Subscriptions taken off live routing because their subject went over the budget."""
+        self.evaluated = 0
+        """Filter conditions evaluated for live routing, all changes together (what the budget limits)."""
         self._spent = 0  # conditions evaluated for the change being routed
         self._spending: Change | None = None
         self._held: set[Hashable] = set()  # subjects deferred until the change being routed is done
@@ -286,6 +288,7 @@ class Router:
                 if kind is not None and kind in group.operations:
                     _offer(group, row.message(kind), behind)
             self._spent += spent
+            self.evaluated += spent
             if index + 1 == change.units:
                 self._held = set()
         for sub in behind:

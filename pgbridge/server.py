@@ -122,6 +122,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     out.counter("relay_dropped_total", "followers this bridge's relay dropped for leaving 8 MiB unread (they read "
                 "the change log instead)", 0 if listener.relay is None else listener.relay.dropped)  # fmt: skip
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
+    out.counter("filter_conditions_evaluated_total", "row filter conditions evaluated to route changes live "
+                "(subscriptions with equal filters share one evaluation)", bridge.router.evaluated)  # fmt: skip
     out.counter("routing_deferred_total", "subscriptions fed from the change log because their subject's filters "
                 "went over --routing-budget", bridge.router.deferred)  # fmt: skip
     out.counter("catch_up_reads_total", "change-log reads for clients catching up", bridge.catchup_reads)

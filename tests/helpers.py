@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -259,6 +260,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    """``GET path`` of the server on ``port``: the status and the body."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as resp:
+        return resp.status, await resp.text()
+
+
+async def health(port: int) -> dict[str, Any]:
+    """The body of the /healthz of the server on ``port``."""
+    body: dict[str, Any] = orjson.loads((await http_get(port, "/healthz"))[1])
+    return body
+
+
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` in a /metrics text, which must hold it once."""
+    found = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert len(found) == 1, f"{name} is not in /metrics once:\n{text}"
+    return float(found[0])
 
 
 async def healthy(port: int) -> None:

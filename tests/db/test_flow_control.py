@@ -9,7 +9,6 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import asyncpg
 import pytest
 import websockets
@@ -19,6 +18,7 @@ from tests.db.test_recovery import POSTS, listener_pid, write_for
 from tests.helpers import (
     Ledger,
     RunningBridge,
+    health,
     raw_upgrade,
     recv,
     small_receive_buffer,
@@ -229,12 +229,6 @@ async def test_connections_that_do_not_complete_the_upgrade_are_closed(
         assert time.monotonic() - started < 5
     finally:
         writer.close()
-
-
-async def health(port: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-        body: dict[str, Any] = await resp.json()
-        return body
 
 
 async def watch_lag(ws: Any, port: int, written: int) -> list[tuple[int, int]]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import aiohttp
 import asyncpg
 import pytest
 
 from pgbridge import changelog
 from pgbridge.migrate import migrate
-from tests.helpers import Cluster, Ledger, collect, fresh_name, recv, subscribe, until_quiet, wait_for
+from tests.helpers import Cluster, Ledger, collect, fresh_name, health, recv, subscribe, until_quiet, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -88,10 +87,10 @@ async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_lea
                 await db.execute("INSERT INTO posts (title) VALUES ($1)", f"while full {i}")
             await db.execute("UPDATE posts SET title = title || '!' WHERE id = 1")
             ledger.add(await collect(ws, 31))
-            health = await _health(running.port)
-            assert health["status"] == "degraded", health
-            assert health["notification_queue_usage"] > 0.9
-            assert "notification_queue" in health
+            body = await health(running.port)
+            assert body["status"] == "degraded", body
+            assert body["notification_queue_usage"] > 0.9
+            assert "notification_queue" in body
 
             await holder.close()
             await sender.close()
@@ -99,7 +98,7 @@ async def test_a_full_notify_queue_fails_no_write_and_drains_when_its_holder_lea
                            what="the queue to drain once its holder left")  # fmt: skip
             assert await db.fetchval("SELECT pg_notification_queue_usage()") < changelog.WAKE_BELOW
             await wait_for(lambda: running.bridge.listener.queue_usage == 0.0, what="the queue to empty")
-            assert (await _health(running.port))["status"] == "ok"
+            assert (await health(running.port))["status"] == "ok"
             await db.execute("INSERT INTO posts (title) VALUES ('after')")
             ledger.add(await until_quiet(ws, 0.5))
         assert [e["data"]["title"] for e in ledger.received][-2:] == ["before!", "after"]
@@ -124,12 +123,6 @@ async def test_a_bridge_starts_while_the_queue_is_full(queue_db: str, start_brid
         await db.close()
         await holder.close()
         await sender.close()
-
-
-async def _health(port: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-        body: dict[str, Any] = await resp.json()
-        return body
 
 
 async def test_wake_up_channels_are_secret(queue_db: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from pgbridge.listener import LEASE
-from tests.helpers import RunningBridge, assert_silent, collect, small_receive_buffer, subscribe, wait_for
+from tests.helpers import RunningBridge, assert_silent, collect, health, small_receive_buffer, subscribe, wait_for
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -33,12 +33,6 @@ async def ticker_and_followers(
     return ticker, [b for b in bridges if b is not ticker]
 
 
-async def health(bridge: RunningBridge) -> dict[str, object]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{bridge.port}/healthz") as resp:
-        body: dict[str, object] = await resp.json()
-        return body
-
-
 async def test_one_bridge_ticks_and_the_others_follow_it(
     dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
@@ -56,8 +50,8 @@ async def test_one_bridge_ticks_and_the_others_follow_it(
     for follower in (b for b in bridges if b is not ticker):
         assert follower.bridge.listener.ticks_taken == 0  # it read the ticks the ticker announced
         assert follower.bridge.listener.delivered == 25
-        assert (await health(follower))["ticker"] is False
-    assert ticker.bridge.listener.ticks_taken > 0 and (await health(ticker))["ticker"] is True
+        assert (await health(follower.port))["ticker"] is False
+    assert ticker.bridge.listener.ticks_taken > 0 and (await health(ticker.port))["ticker"] is True
 
 
 async def test_a_ticker_that_stops_hands_the_ticks_over_at_once(
@@ -122,8 +116,8 @@ async def test_followers_route_what_the_ticker_relays_without_reading_the_change
         # the 30 transactions came in some ticks, through the relay, not from the change log (where each tick
         # takes a read at least; a lease check may still read one)
         assert listener.relayed_pages > 0 and listener.log_reads - before <= 2, listener.log_reads - before
-        assert (await health(follower))["relay"] == "following the ticker's relay"
-    assert (await health(ticker))["relay"] == "serving 2 bridges"
+        assert (await health(follower.port))["relay"] == "following the ticker's relay"
+    assert (await health(ticker.port))["relay"] == "serving 2 bridges"
 
 
 async def test_the_relay_serves_only_bridges_that_show_its_secret(dsn: str, posts: str, start_bridge: Bridges) -> None:
@@ -170,7 +164,7 @@ async def test_without_a_relay_followers_read_the_ticks_from_the_change_log(
             await db.execute("INSERT INTO posts (title) VALUES ($1)", f"t{i}")
         assert [e["data"]["title"] for e in await collect(ws, 10)] == [f"t{i}" for i in range(10)]
     assert follower.bridge.listener.relayed_pages == 0 and follower.bridge.listener.log_reads > 0
-    assert (await health(follower))["relay"] == "reading the ticks from the database"
+    assert (await health(follower.port))["relay"] == "reading the ticks from the database"
 
 
 async def test_a_follower_that_stops_reading_is_dropped_not_waited_for(

@@ -31,6 +31,8 @@ from tests.helpers import (
     assert_silent,
     close_frame,
     collect,
+    http_get,
+    metric,
     raw_upgrade,
     recv,
     send,
@@ -68,7 +70,8 @@ while True:
 
 
 class HealthWatch:
-    """Polls /healthz all along from a process of its own (not held up by this one), keeps the slowest."""
+    """Polls /healthz all along from a process of its own (not held up by this one), keeps the slowest.
+    A request that fails, or goes unanswered for 30 s, ends the watch."""
 
     def __init__(self, port: int) -> None:
         self.proc = subprocess.Popen(
@@ -76,9 +79,12 @@ class HealthWatch:
         )
 
     def stop(self) -> float:
+        """The slowest answer; fails if any request failed."""
+        failed = self.proc.poll() is not None
         self.proc.terminate()
         lines = self.proc.communicate()[0].split()
-        return float(lines[-1]) if lines else float("inf")
+        assert not failed and lines, f"/healthz went unanswered (the watch ended with {self.proc.returncode})"
+        return float(lines[-1])
 
 
 def _rss(pid: int) -> int:
@@ -98,6 +104,9 @@ async def _connect_many(url: str, count: int, **kwargs: Any) -> list[Any]:
 async def test_costly_filters_from_many_connections_do_not_freeze_the_bridge(
     process: BridgeProcess, db: asyncpg.Connection
 ) -> None:
+    """A thousand subscriptions with a 100-value filter cost the routing of a change next to nothing (one
+    shared evaluation, through the index), so the bridge keeps answering. How fast is the benchmark's
+    matter (its broad filters section); here, the work done is counted."""
     count = int(os.environ.get("PGBRIDGE_FLOOD_CONNECTIONS", "1000"))
     stamps = [f"2026-01-01T{h:02d}:{m:02d}:00+00:00" for h in range(10) for m in range(10)]
     flt = {"created_at": {"in": stamps}}
@@ -116,15 +125,17 @@ async def test_costly_filters_from_many_connections_do_not_freeze_the_bridge(
             await db.execute("INSERT INTO posts (title) SELECT 'row ' || g FROM generate_series(1, 100) g")
             started = time.monotonic()
             await db.execute("INSERT INTO posts (title) VALUES ('marker')")
-            assert (await recv(honest, 2))["data"]["title"] == "marker"
+            assert (await recv(honest))["data"]["title"] == "marker"
             marker = time.monotonic() - started
+            metrics = (await http_get(process.port, "/metrics"))[1]
+            evaluated = metric(metrics, "pgbridge_filter_conditions_evaluated_total")
     finally:
         slowest = health.stop()
         for ws in clients:
             await ws.close()
     print(f"\n{len(clients)} connections with 100-value filters: marker after {marker * 1000:.0f} ms, "
-          f"slowest /healthz {slowest * 1000:.0f} ms")  # fmt: skip
-    assert slowest < 1.0
+          f"slowest /healthz {slowest * 1000:.0f} ms, {evaluated:.0f} conditions evaluated")  # fmt: skip
+    assert evaluated < 101 * 10, "the 101 rows cost an evaluation per subscriber: filters neither shared nor indexed"
 
 
 async def test_resumes_for_clients_that_already_left_are_dropped(

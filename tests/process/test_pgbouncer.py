@@ -23,13 +23,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-import aiohttp
 import asyncpg
 import pytest
 import websockets
 
 from pgbridge.listener import LEASE
-from tests.helpers import Cluster, assert_silent, collect, free_port, recv, subscribe, token, wait_for
+from tests.helpers import (
+    Cluster,
+    assert_silent,
+    collect,
+    free_port,
+    health,
+    http_get,
+    metric,
+    recv,
+    subscribe,
+    token,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges, Processes
@@ -144,23 +155,6 @@ async def running_pgbouncer(cluster: Cluster, dsn: str, *, strict: bool = False)
 async def pgbouncer(cluster: Cluster, dsn: str) -> AsyncIterator[PgBouncer]:
     async with running_pgbouncer(cluster, dsn) as bouncer:
         yield bouncer
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as resp:
-        return resp.status, await resp.text()
-
-
-async def health(port: int) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
-        body: dict[str, Any] = await resp.json()
-        return body
-
-
-def metric(text: str, name: str) -> float:
-    found = re.findall(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert len(found) == 1, f"{name} is not in /metrics once:\n{text}"
-    return float(found[0])
 
 
 async def routed(port: int, at_least: int) -> bool:
