@@ -15,6 +15,7 @@ Claims pgbridge reads:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,12 @@ from pgbridge.events import OPS, Op
 ALL_OPS: frozenset[Op] = frozenset(OPS)
 _INVALID_SUBJECT = "Token has an invalid subject: sub must be a non-empty string"
 _FAR_FUTURE = 2.0**40  # seconds since 1970, about the year 36812: an exp beyond it is treated as it
+
+
+def bearer_matches(header: str, secret: str) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <secret>``, compared in constant time. A header's
+    bytes that are not UTF-8 (kept as surrogates) match nothing, and raise nothing."""
+    return hmac.compare_digest(header.encode("utf-8", "surrogateescape"), f"Bearer {secret}".encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -97,6 +97,8 @@ class Settings:
             raise ConfigError(
                 "--relay-port with --workers: each worker relays on a port of its own; use 0 (any free port)"
             )
+        if self.follow_only and self.relay_port > 0:
+            raise ConfigError("--relay-port with --follow-only: a bridge that never ticks relays nothing; drop one")
         check_secret(self.jwt_secret)
 
 

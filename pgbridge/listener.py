@@ -244,8 +244,9 @@ class Listener:
                     continue
                 if not self.ticking:
                     # Wait for the ticker's next announcement (it made the tick durable before), then read.
-                    newest, at, waited = await changelog.await_tick(conn, self.newest_tick, LEASE / 4)
-                    if newest > self.newest_tick and at is not None:
+                    whole = self._whole()
+                    newest, at, waited = await changelog.await_tick(conn, whole, LEASE / 4)
+                    if newest > whole and at is not None:
                         await self._deliver(conn, newest, at, flush=False)
                     elif not waited:  # nobody ticks: the lease is free, or its holder died holding it
                         await asyncio.sleep(LEASE / 4)
@@ -274,9 +275,9 @@ class Listener:
                         await changelog.release(conn, self.holder)
             if self.relay is not None:
                 self.relay.drop_all()
-            await self._drop_link()
             self.connected = self.ticking = False
             conn.terminate()
+            await self._drop_link()
 
     async def _take_turn(
         self, conn: asyncpg.Connection, channel: str, on_wake: Callable[..., None], ticking: bool
@@ -388,6 +389,7 @@ class Listener:
             page = await link.receive(LEASE / 4)
         except RelayLost as exc:
             log.info("the ticker's relay went away (%s); following the ticks in the database meanwhile", exc)
+            self._link_retry = time.monotonic() + LEASE
             await self._drop_link()
             return
         assert self._after is not None
@@ -407,7 +409,7 @@ class Listener:
         change log what the relay did not bring: what the ticker announced before this bridge connected,
         or a quarter of a lease ago (the relay is slow, or dropped this bridge)."""
         joined = False
-        if self.link is not None and (lease.relay is None or self.link.url != lease.relay[0]):
+        if self.link is not None and self.link.address != lease.relay:  # gone, moved, or restarted (a new secret)
             await self._drop_link()
         if self.link is None and lease.relay is not None and time.monotonic() >= self._link_retry:
             url, secret = lease.relay
@@ -416,6 +418,15 @@ class Listener:
                     self.link = await RelayLink.connect(url, secret)
                 joined = True
                 log.info("following the ticker's relay")
+            except aiohttp.WSServerHandshakeError as exc:
+                self._link_retry = time.monotonic() + LEASE
+                if self._link_log():
+                    log.warning(
+                        "the ticker's relay at %s refused this bridge (%d %s): this bridge reads every tick from "
+                        "the database instead; that address is not the ticker's relay (see its --advertise-host and "
+                        "--relay-port), or something between the bridges changed the request (reported once a "
+                        "minute)", url, exc.status, exc.message,
+                    )  # fmt: skip
             except (OSError, aiohttp.ClientError, TimeoutError) as exc:
                 self._link_retry = time.monotonic() + LEASE
                 if self._link_log():
@@ -423,9 +434,9 @@ class Listener:
                         "cannot reach the ticker's relay at %s (%s): this bridge reads every tick from the "
                         "database instead, one more read per tick for the database; the ticker's --advertise-host "
                         "and --relay-port say where it is reached (reported once a minute)",
-                        url, exc or type(exc).__name__,
+                        url, str(exc) or type(exc).__name__,
                     )  # fmt: skip
-        routed = (self._after or (0, 0))[0]
+        routed = self._whole()
         awaited, self._awaited = self._awaited, (lease.announced if lease.announced > routed else None)
         behind = awaited is not None and routed < awaited
         if self.link is not None and (joined or behind) and self._awaited is not None and lease.announced_at:
@@ -433,6 +444,12 @@ class Listener:
                 log.warning("the ticker's relay is a quarter of a lease behind the ticks it announced; reading "
                             "them from the database (reported once a minute)")  # fmt: skip
             await self._deliver(conn, lease.announced, lease.announced_at, flush=False)
+
+    def _whole(self) -> int:
+        """The newest tick this bridge has routed whole (a large tick comes in pages)."""
+        assert self._after is not None
+        tick, change = self._after
+        return tick if change == MAX_ID else tick - 1
 
     async def _drop_link(self) -> None:
         link, self.link = self.link, None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 import socket
@@ -25,6 +24,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from pgbridge import frames
+from pgbridge.auth import bearer_matches
 from pgbridge.errors import ConfigError, DecodeError
 from pgbridge.events import Change, make_change
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 PATH = "/relay"
 BUFFER_LIMIT = 8 * 2**20
 """Bytes a follower may leave unread before the ticker drops it (it then reads from the database)."""
+VERSION = 1
+"""The pages' format: bridges of releases that write another follow the ticks from the database."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ def encode(page: Page) -> bytes:
     """A page as one message, the same for every follower."""
     return orjson.dumps(
         {
+            "v": VERSION,
             "after": page.after,
             "reached": page.reached,
             "newest": page.newest,
@@ -68,9 +71,12 @@ def encode(page: Page) -> bytes:
 
 
 def decode(data: bytes) -> Page:
-    """The page :func:`encode` made; :class:`~pgbridge.events.DecodeError` if it is not one."""
+    """The page :func:`encode` made; :class:`~pgbridge.errors.DecodeError` if it is not one."""
     try:
         raw = orjson.loads(data)
+        if raw["v"] != VERSION:
+            raise DecodeError(f"a relay page of format {raw['v']!r}, where this bridge reads {VERSION}: the "
+                              "bridges run different releases")  # fmt: skip
         after, reached = raw["after"], raw["reached"]
         return Page(
             (int(after[0]), int(after[1])),
@@ -79,8 +85,8 @@ def decode(data: bytes) -> Page:
             datetime.fromisoformat(raw["taken"]),
             [make_change(*c) for c in raw["changes"]],
         )
-    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
-        raise DecodeError(f"not a relay page: {exc}") from None
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise DecodeError(f"not a relay page: {exc!r}") from None
 
 
 class RelayServer:
@@ -94,7 +100,7 @@ class RelayServer:
         self.secret = secrets.token_urlsafe(32)
         self.url: str | None = None
         """Where followers connect, once :meth:`start` has bound the port."""
-        self._followers: set[asyncio.Transport] = set()
+        self._followers: dict[asyncio.Transport, web.WebSocketResponse] = {}
         self._runner: web.AppRunner | None = None
         self.dropped = 0
         """Followers dropped for reading too slowly."""
@@ -141,17 +147,18 @@ class RelayServer:
         if not self._followers:
             return
         frame = frames.binary_frame(encode(page))
-        for transport in list(self._followers):
-            if transport.is_closing() or transport.get_write_buffer_size() > BUFFER_LIMIT:
-                self._followers.discard(transport)
+        for transport, ws in list(self._followers.items()):
+            if transport.is_closing() or ws.closed:  # leaving: its handler forgets it
+                continue
+            if transport.get_write_buffer_size() > BUFFER_LIMIT:
+                del self._followers[transport]
                 self.dropped += 1
                 transport.abort()
             else:
                 transport.write(frame)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        offered = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(offered.encode(), f"Bearer {self.secret}".encode()):
+        if not bearer_matches(request.headers.get("Authorization", ""), self.secret):
             return web.json_response(
                 {"error": "This port is the relay between pgbridge bridges; clients connect to the bridge's --port"},
                 status=403,
@@ -161,12 +168,12 @@ class RelayServer:
         transport = request.transport
         if transport is None:
             return ws
-        self._followers.add(transport)
+        self._followers[transport] = ws
         try:
             async for _msg in ws:  # followers send nothing; this notices when they leave
                 pass
         finally:
-            self._followers.discard(transport)
+            self._followers.pop(transport, None)
         return ws
 
 
@@ -177,8 +184,11 @@ class RelayLost(Exception):
 class RelayLink:
     """The follower's side: one connection to the ticker's relay."""
 
-    def __init__(self, url: str, ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession) -> None:
-        self.url = url
+    def __init__(
+        self, address: tuple[str, str], ws: aiohttp.ClientWebSocketResponse, session: aiohttp.ClientSession
+    ) -> None:
+        self.address = address
+        """The relay's URL and secret, as the lease gave them."""
         self._ws = ws
         self._session = session
         self._next: asyncio.Future[aiohttp.WSMessage] | None = None  # outlives a wait that timed out
@@ -189,12 +199,17 @@ class RelayLink:
         session = aiohttp.ClientSession()
         try:
             ws = await session.ws_connect(
-                url, headers={"Authorization": f"Bearer {secret}"}, max_msg_size=0, compress=0, heartbeat=5
+                url,
+                headers={"Authorization": f"Bearer {secret}"},
+                max_msg_size=0,
+                compress=0,
+                heartbeat=5,
+                timeout=aiohttp.ClientWSTimeout(ws_close=1.0),  # a ticker that does not answer holds nobody up
             )
         except BaseException:
             await session.close()
             raise
-        return cls(url, ws, session)
+        return cls((url, secret), ws, session)
 
     async def receive(self, within: float) -> Page | None:
         """The next page, or None if none came within ``within`` seconds; raises :class:`RelayLost`."""

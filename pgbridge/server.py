@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections import Counter
@@ -19,8 +18,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from pgbridge import sse, websocket
-from pgbridge.auth import TokenPolicy
+from pgbridge import relay, sse, websocket
+from pgbridge.auth import TokenPolicy, bearer_matches
 from pgbridge.config import Settings
 from pgbridge.hub import SIDE_TASKS, Bridge
 from pgbridge.listener import Listener
@@ -88,14 +87,12 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     """``GET /metrics``: the bridge's figures in the Prometheus text format (behind ``--metrics-token``)."""
     bridge = request.app[BRIDGE]
     expected = bridge.settings.metrics_token
-    if expected is not None:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
-            return web.json_response(
-                {"error": "/metrics needs the header Authorization: Bearer <the --metrics-token value>"},
-                status=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+    if expected is not None and not bearer_matches(request.headers.get("Authorization", ""), expected):
+        return web.json_response(
+            {"error": "/metrics needs the header Authorization: Bearer <the --metrics-token value>"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     listener = bridge.listener
     per_collection: Counter[str] = Counter()
     for session in bridge.sessions:
@@ -119,8 +116,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                 listener.relayed_pages)  # fmt: skip
     out.gauge("relay_followers", "bridges following this one's relay (while it ticks)",
               0 if listener.relay is None else listener.relay.followers)  # fmt: skip
-    out.counter("relay_dropped_total", "followers this bridge's relay dropped for leaving 8 MiB unread (they read "
-                "the change log instead)", 0 if listener.relay is None else listener.relay.dropped)  # fmt: skip
+    out.counter("relay_dropped_total", f"followers this bridge's relay dropped for leaving {relay.BUFFER_LIMIT >> 20} "
+                "MiB unread (they read the change log instead)",
+                0 if listener.relay is None else listener.relay.dropped)  # fmt: skip
     out.counter("replays_total", "subscriptions that resumed with since", bridge.replays)
     out.counter("filter_conditions_evaluated_total", "row filter conditions evaluated to route changes live "
                 "(subscriptions with equal filters share one evaluation)", bridge.router.evaluated)  # fmt: skip

@@ -250,6 +250,22 @@ async def raw_upgrade(port: int, tok: str) -> tuple[asyncio.StreamReader, asynci
     return reader, writer
 
 
+async def status_with_header(port: int, path: str, header: bytes, *, host: str = "127.0.0.1") -> bytes:
+    """The status line the server on ``port`` answers a WebSocket upgrade of ``path`` with ``header``, bytes
+    as they are (what no client library sends, such as bytes that are not UTF-8)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".encode()
+            + header
+            + b"\r\n\r\n"
+        )
+        return (await reader.readline()).rstrip()
+    finally:
+        writer.close()
+
+
 def small_receive_buffer(ws: Any) -> None:
     """Fix the receive buffer of client ``ws``'s socket at 64 KiB: autotuned, the kernel would take megabytes
     that a test of a slow reader means to wait at the server."""

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from pgbridge import changelog
-from tests.helpers import close_frame, collect, free_port, subscribe, token, wait_for
+from tests.helpers import close_frame, collect, free_port, status_with_header, subscribe, token, wait_for
 from tests.unit.test_exposition import samples
 
 if TYPE_CHECKING:
@@ -82,6 +82,8 @@ async def test_the_metrics_token_is_required_when_set(dsn: str, posts: str, star
     for header in (None, "Bearer wrong", "scrape-secret", "Basic scrape-secret"):
         status, _, text = await scrape(running.port, header)
         assert status == 401 and "Authorization: Bearer" in text and "pgbridge_" not in text
+    refused = await status_with_header(running.port, "/metrics", b"Authorization: Bearer \xff")  # not UTF-8
+    assert refused.startswith(b"HTTP/1.1 401"), refused
     status, _, text = await scrape(running.port, "Bearer scrape-secret")
     assert status == 200 and ("pgbridge_up", ()) in samples(text)
 

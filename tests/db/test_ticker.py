@@ -12,8 +12,19 @@ import asyncpg
 import pytest
 import websockets
 
+from pgbridge.events import MAX_ID
 from pgbridge.listener import LEASE
-from tests.helpers import RunningBridge, assert_silent, collect, health, small_receive_buffer, subscribe, wait_for
+from pgbridge.relay import Page
+from tests.helpers import (
+    RunningBridge,
+    assert_silent,
+    collect,
+    health,
+    small_receive_buffer,
+    status_with_header,
+    subscribe,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from tests.conftest import Bridges
@@ -130,8 +141,11 @@ async def test_the_relay_serves_only_bridges_that_show_its_secret(dsn: str, post
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                 await http.ws_connect(relay.url, headers=headers)
             assert refused.value.status == 403
-    assert relay.followers == 0
     where = urlsplit(relay.url)
+    assert where.port is not None
+    answer = await status_with_header(where.port, "/relay", b"Authorization: Bearer \xff\xfe")  # not UTF-8
+    assert answer.startswith(b"HTTP/1.1 403"), answer
+    assert relay.followers == 0
     assert where.hostname == "127.0.0.1" and where.port != running.port  # a port of its own, on --host
 
 
@@ -152,6 +166,37 @@ async def test_followers_the_relay_drops_mid_stream_catch_up_from_the_change_log
         await assert_silent(ws, 0.3)
     assert got == [f"t{i}" for i in range(120)]  # all, once, in order
     assert follower.bridge.listener.relayed_pages > 0 and follower.bridge.listener.log_reads > 0
+
+
+async def test_a_follower_cut_off_partway_through_a_large_transaction_gets_the_rest_without_another_write(
+    dsn: str, posts: str, db: asyncpg.Connection, start_bridge: Bridges
+) -> None:
+    """One transaction of 2,500 statements is one tick in three pages; the ticker drops its follower after
+    the first. The follower reads the rest from the change log at once, not when something next commits."""
+    ticker, (follower,) = await ticker_and_followers(start_bridge, dsn, 2)
+    relay = ticker.bridge.listener.relay
+    assert relay is not None
+    await wait_for(lambda: relay.followers == 1, what="the follower on the relay")
+    publish, pages = relay.publish, []
+
+    def first_page_only(page: Page) -> None:
+        pages.append(page)
+        if page.after[1] == MAX_ID:  # the first of its tick
+            publish(page)
+        else:
+            relay.drop_all()
+
+    relay.publish = first_page_only  # type: ignore[method-assign]
+    async with follower.connect() as ws:
+        await subscribe(ws, "posts")
+        await db.execute(
+            "DO $$ BEGIN FOR i IN 1..2500 LOOP INSERT INTO posts (title) VALUES ('t' || i); END LOOP; END $$"
+        )
+        got = [e["data"]["title"] for e in await collect(ws, 2500)]
+        await assert_silent(ws, 0.3)
+    assert got == [f"t{i}" for i in range(1, 2501)]
+    assert len({p.newest for p in pages}) == 1 and len(pages) >= 3, [(p.after, p.reached) for p in pages]
+    assert follower.bridge.listener.relayed_pages >= 1
 
 
 async def test_without_a_relay_followers_read_the_ticks_from_the_change_log(

@@ -187,6 +187,8 @@ def test_a_relay_port_in_use_is_refused_saying_which_port(tmp_path: Path) -> Non
     assert "(choose another --relay-port, or 0 for any free one)" in done.stderr
     workers = pgbridge("serve", "--jwt-secret", SECRET, "--workers", "2", "--relay-port", str(port))
     assert workers.returncode == 2 and "each worker relays on a port of its own" in workers.stderr
+    follower = pgbridge("serve", "--jwt-secret", SECRET, "--follow-only", "true", "--relay-port", str(port))
+    assert follower.returncode == 2 and "a bridge that never ticks relays nothing" in follower.stderr
 
 
 def test_the_secret_can_come_from_a_file(tmp_path: Path) -> None:

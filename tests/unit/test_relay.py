@@ -37,15 +37,26 @@ def test_an_empty_page_moves_a_follower_on() -> None:
         b"not json",
         b"[]",
         b"{}",
-        b'{"after": [1], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", "changes": []}',
-        b'{"after": [1, 2], "reached": [1, 2], "newest": "x", "taken": "2026-12-01T00:00:00+00:00", "changes": []}',
-        b'{"after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "yesterday", "changes": []}',
-        b'{"after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", '
+        b'{"v": 1, "after": [1], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", "changes": []}',
+        b'{"v": 1, "after": [1, 2], "reached": [1, 2], "newest": "x", "taken": "2026-12-01T00:00:00+00:00", '
+        b'"changes": []}',
+        b'{"v": 1, "after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "yesterday", "changes": []}',
+        b'{"v": 1, "after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", '
         b'"changes": [[1, 2, "posts", "explode", "t", 1, "{}"]]}',
-        b'{"after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", '
+        b'{"v": 1, "after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", '
         b'"changes": [[1, 2, "posts", "create", "t", 2, "{}"]]}',
+        b'{"v": 1, "after": [1, 2], "reached": [1, 2], "newest": 1, "taken": "2026-12-01T00:00:00+00:00", '
+        b'"changes": [[1, 2, "posts", "create", "t", 1, 17]]}',
     ],
 )
 def test_what_is_not_a_page_is_refused(data: bytes) -> None:
     with pytest.raises(DecodeError):
         decode(data)
+
+
+def test_a_page_of_another_release_is_refused_saying_so() -> None:
+    page = Page((3, 5), (4, 2**63 - 1), 4, datetime(2026, 12, 1, tzinfo=UTC), [])
+    other = encode(page).replace(b'"v":1', b'"v":2')
+    assert other != encode(page)
+    with pytest.raises(DecodeError, match="format 2, where this bridge reads 1: the bridges run different releases"):
+        decode(other)
