@@ -399,6 +399,19 @@ async def test_resume_seam_has_no_gap_and_no_duplicate_while_writes_continue(
     await ledger.verify(db, "posts")
 
 
+async def freeze_between_statements(db: asyncpg.Connection, pid: int) -> None:
+    """SIGSTOP backend ``pid`` while it is idle. Stopped inside a statement, it would keep the locks the
+    statement took, and its replacement would wait on them for as long as it stays stopped: no client can
+    end a stopped process, while a backend whose client went silent finishes its statement anyway."""
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        if await db.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid) == "idle":
+            return
+        os.kill(pid, signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"backend {pid} was never idle")
+
+
 async def test_a_connection_that_stops_answering_is_replaced_quickly(
     dsn: str, db: asyncpg.Connection, start_bridge: Bridges
 ) -> None:
@@ -409,7 +422,7 @@ async def test_a_connection_that_stops_answering_is_replaced_quickly(
     assert pid is not None
     async with running.connect() as ws:
         await subscribe(ws, "posts")
-        os.kill(pid, signal.SIGSTOP)
+        await freeze_between_statements(db, pid)
         try:
             await db.execute("INSERT INTO posts (title) VALUES ('while frozen')")
             started = time.monotonic()
