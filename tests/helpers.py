@@ -239,28 +239,30 @@ async def assert_silent(ws: Any, seconds: float = 0.5) -> None:
         pass
 
 
+def _upgrade_request(target: str, *headers: bytes) -> bytes:
+    """A WebSocket upgrade request for ``target``, with ``headers`` as they are."""
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".encode()
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"\r\n"
+    )
+
+
 async def raw_upgrade(port: int, tok: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A WebSocket upgrade done by hand: a peer that sends and answers exactly what a test makes it."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        f"GET {WS_PATH}?token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
+    writer.write(_upgrade_request(f"{WS_PATH}?token={tok}"))
     assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
     return reader, writer
 
 
-async def status_with_header(port: int, path: str, header: bytes, *, host: str = "127.0.0.1") -> bytes:
+async def status_with_header(port: int, path: str, header: bytes) -> bytes:
     """The status line the server on ``port`` answers a WebSocket upgrade of ``path`` with ``header``, bytes
     as they are (what no client library sends, such as bytes that are not UTF-8)."""
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n".encode()
-            + header
-            + b"\r\n\r\n"
-        )
+        writer.write(_upgrade_request(path, header))
         return (await reader.readline()).rstrip()
     finally:
         writer.close()
