@@ -45,6 +45,9 @@ async def _no_unhandled_errors() -> AsyncIterator[None]:
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
     yield
     gc.collect()  # a task that failed unobserved is reported when it is collected
+    # What survived a full collection is alive: frozen, the next test's collection looks only at what that test
+    # made, instead of at every object of the libraries loaded (some 40 ms a test, a tenth of the suite's CPU).
+    gc.freeze()
     await asyncio.sleep(0)
     loop.set_exception_handler(previous)
     assert not reported, "unhandled in the event loop: " + "; ".join(
