@@ -276,7 +276,7 @@ async def test_a_bare_eventsource_resumes_by_itself_across_two_sigkills(
     resume). The bridge answers 503 while it starts, and an EventSource never reconnects after a 503, so
     each restart begins just after a failed reconnect, well before the next one (see the report)."""
     port = free_port()
-    env = {"PGBRIDGE_SSE_RETRY": "6"}  # time for a bridge to start, on a machine the other tests keep busy
+    env = {"PGBRIDGE_SSE_RETRY": "3"}  # time for a bridge to start: some 0.7 s, the browser tests running alone
     current = bridge_process(dsn, port, env=env)
     await current.ready()
     stop = asyncio.Event()
@@ -291,7 +291,7 @@ async def test_a_bare_eventsource_resumes_by_itself_across_two_sigkills(
                 failed = await p.browser.evaluate("window.failures.length")
                 current.proc.kill()
                 await asyncio.to_thread(current.proc.wait)
-                # The drop, then a reconnect that failed: the next comes in 6 s, when this bridge is up.
+                # The drop, then a reconnect that failed: the next comes in 3 s, when this bridge is up.
                 await p.browser.until(f"window.failures.length >= {failed} + 2", what="a failed reconnect")
                 current = bridge_process(dsn, port, env=env)
                 await current.ready()
