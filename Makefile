@@ -10,8 +10,8 @@ VERSION_TESTS := tests/db tests/unit tests/process/test_sql_and_cli.py
 # What depends most on the server's version (its catalogs, types, roles, snapshots), on the version in between.
 SQL_TESTS := tests/db/test_schema.py tests/db/test_capture.py tests/db/test_hostile_roles.py tests/db/test_access.py \
 	tests/db/test_core.py tests/db/test_sessions.py
-# Tests run in parallel, each worker on a PostgreSQL of its own: most of a test's time is spent waiting on
-# sockets and timers, not on the CPU.
+# Tests run in parallel, each worker on a PostgreSQL of its own: a test alone keeps less than one core busy (it
+# waits on sockets, timers and the server); four workers keep both busy.
 TEST_WORKERS ?= 4
 
 .PHONY: run test test-versions lint bench clean system-packages

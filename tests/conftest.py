@@ -46,7 +46,7 @@ async def _no_unhandled_errors() -> AsyncIterator[None]:
     yield
     gc.collect()  # a task that failed unobserved is reported when it is collected
     # What survived a full collection is alive: frozen, the next test's collection looks only at what that test
-    # made, instead of at every object of the libraries loaded (some 40 ms a test, a tenth of the suite's CPU).
+    # made, instead of at every object of the libraries loaded (some 40 ms a test).
     gc.freeze()
     await asyncio.sleep(0)
     loop.set_exception_handler(previous)
