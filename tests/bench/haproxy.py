@@ -78,12 +78,12 @@ async def replicas_behind_haproxy(
 ) -> list[Result]:
     """The figures, for a database with the benchmark's tables (``posts``, published): ``subscribers``
     sockets (60 quick, 300 full), ``rows`` written as fast as possible (200 / 2,000), and ``rate`` rows/s
-    for ``seconds`` (0.5 / 3) for the latency; medians of ``rounds`` (1 / 3), the counts interleaved."""
+    for ``seconds`` (1 / 3) for the latency; medians of ``rounds`` (1 / 3), the counts interleaved."""
     from tests.bench.__main__ import Result, percentile, serve, stop
 
     subscribers = subscribers or (60 if QUICK else 300)
     rows = rows or (200 if QUICK else 2000)
-    seconds = seconds or (0.5 if QUICK else 3.0)
+    seconds = seconds or (1.0 if QUICK else 3.0)
     rounds = rounds or (1 if QUICK else 3)
     rates: dict[int, list[float]] = {0: [], **{n: [] for n in counts}}  # 0: one bridge, reached directly
     latencies: dict[int, list[float]] = {0: [], **{n: [] for n in counts}}
